@@ -1,0 +1,179 @@
+"""CMSA model configuration and the paper's S / B / L presets."""
+
+from transformers import PreTrainedConfig
+
+
+# Table 1 of the paper, as released in the authors' code (models/cmasformer.py) for 32x24 inputs.
+# Windows are given relative to each stage's feature map (number of windows per side) so that the
+# same preset runs at 16x16, 32x24, 32x32, 64x48, 64x64, ...
+_COMMON = {
+    "depths": [2, 4, 3],
+    "window_splits": [[1, 2, 4], [1, 2], [1, 1]],
+    "kv_pool_ratios": [[2, 2, 1], [2, 2], [1, 2]],
+    "key_dim": 16,
+    "value_ratio": 2,
+    "mlp_ratio": 4,
+}
+VARIANTS = {
+    "cmsa-s": {"hidden_sizes": [96, 160, 224], "num_heads": [[2, 2, 1], [3, 3], [4, 4]], **_COMMON},
+    # Table 1 prints stage-2 heads [3, 3] for B, but only [3, 4] (one version of the released code)
+    # reproduces the paper's 5.6M (pose) and 5.4M (head pose) parameter counts.
+    "cmsa-b": {"hidden_sizes": [128, 192, 256], "num_heads": [[1, 2, 1], [3, 4], [4, 5]], **_COMMON},
+    "cmsa-l": {"hidden_sizes": [128, 256, 320], "num_heads": [[1, 2, 1], [3, 3], [4, 4]], **_COMMON},
+}
+
+
+def _pair(value) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise ValueError(f"image_size must be an int or a (height, width) pair, got {value}")
+    return value
+
+
+class CMSAConfig(PreTrainedConfig):
+    r"""
+    Configuration of a CMSA (cascaded multi-scale attention) network, Lu, Suganuma and Okatani, "Cascaded
+    Multi-Scale Attention for Enhanced Multi-Scale Feature Extraction and Interaction with Low-Resolution
+    Images". The defaults build CMSA-S for 32x24 inputs; use [`CMSAConfig.from_variant`] for the presets.
+
+    Architecture (see `modeling_cmsa.py`): a stem of two reparameterizable depthwise + pointwise embeddings,
+    three stages of CMSA blocks (the first at the stem's resolution, each next one halved by a stride-2
+    embedding) and a multi-stage fusion that upsamples every stage to the first stage's resolution.
+
+    Args:
+        image_size (`int` or `(height, width)`, defaults to `(32, 24)`):
+            Input resolution. The attention windows and their relative-position bias tables are sized for it,
+            so a model only accepts inputs of this size.
+        num_channels (`int`, defaults to 3): Input channels.
+        hidden_sizes (`list[int]`): Channels C_i of each stage.
+        depths (`list[int]`): Number of CMSA blocks per stage.
+        num_heads (`list[list[int]]`): Heads of each attention group, per stage. Group k of a stage attends
+            within its own window size; groups are cascaded from the first (largest window) to the last.
+        window_splits (`list[list[int]]`): Windows per side for each group, relative to the stage's feature
+            map: 1 is global attention over the whole map, 2 splits each side in two, and so on. At 32x24 the
+            presets give windows (32, 24), (16, 12), (8, 6) in stage 1; (16, 12), (8, 6) in stage 2; (8, 6)
+            twice in stage 3.
+        kv_pool_ratios (`list[list[int]]`): Average-pooling ratio of the keys / values of each group (1: none).
+            Must divide the group's window.
+        key_dim (`int`, defaults to 16): Query / key channels per head.
+        value_ratio (`int`, defaults to 2): Value channels per head as a multiple of `key_dim` (the paper's
+            "doubled value channels").
+        mlp_ratio (`int`, defaults to 4): Hidden width of the MLP as a multiple of the stage's channels.
+        conv_kernel_size (`int`, defaults to 3): Kernel of the depthwise convolutions (stem, embeddings,
+            positional encodings, spatial fusion).
+        stem_stride (`int`, defaults to 1): Stride of the stem. 1 keeps stage 1 at the input resolution, as in
+            the paper at 32x24; 2 runs the network at half the input resolution.
+        hidden_act (`str`, defaults to `"gelu"`): Activation used throughout.
+        drop_path_rate (`float`, defaults to 0.1): Stochastic depth rate of the last block; it grows linearly
+            from 0 over all blocks (the released code keeps it constant per stage, which looks like a bug).
+        batch_norm_eps (`float`, defaults to 1e-5): Epsilon of every BatchNorm.
+        layer_norm_eps (`float`, defaults to 1e-6): Epsilon of the LayerNorm before each MLP.
+        fusion_hidden_ratio (`float`, defaults to 0.5): Width of the fusion head's hidden 1x1 convolution as a
+            fraction of the concatenated stage channels (sum C / 2 in the authors' code).
+        classifier_dropout (`float`, defaults to 0.0): Dropout before the classification layer.
+        initializer_range (`float`, defaults to 0.02): Std of the truncated normal init of linear layers.
+        reparameterized (`bool`, defaults to `False`): Whether the multi-branch convolutions and the conv + BN
+            pairs are folded into single convolutions (inference form, see `CMSAPreTrainedModel.reparameterize`).
+    """
+
+    model_type = "cmsa"
+
+    image_size: int | list[int] | tuple[int, int] = (32, 24)
+    num_channels: int = 3
+    hidden_sizes: list[int] | tuple[int, ...] = tuple(VARIANTS["cmsa-s"]["hidden_sizes"])
+    depths: list[int] | tuple[int, ...] = tuple(_COMMON["depths"])
+    num_heads: list | tuple = tuple(tuple(h) for h in VARIANTS["cmsa-s"]["num_heads"])
+    window_splits: list | tuple = tuple(tuple(s) for s in _COMMON["window_splits"])
+    kv_pool_ratios: list | tuple = tuple(tuple(r) for r in _COMMON["kv_pool_ratios"])
+    key_dim: int = 16
+    value_ratio: int = 2
+    mlp_ratio: int = 4
+    conv_kernel_size: int = 3
+    stem_stride: int = 1
+    hidden_act: str = "gelu"
+    drop_path_rate: float = 0.1
+    batch_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-6
+    fusion_hidden_ratio: float = 0.5
+    classifier_dropout: float = 0.0
+    initializer_range: float = 0.02
+    reparameterized: bool = False
+
+    def __post_init__(self, **kwargs):
+        self.image_size = list(_pair(self.image_size))
+        self.hidden_sizes = [int(c) for c in self.hidden_sizes]
+        self.depths = [int(d) for d in self.depths]
+        self.num_heads = [[int(h) for h in stage] for stage in self.num_heads]
+        self.window_splits = [[int(s) for s in stage] for stage in self.window_splits]
+        self.kv_pool_ratios = [[int(r) for r in stage] for stage in self.kv_pool_ratios]
+        self._validate_architecture()
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_variant(cls, name: str, **overrides) -> "CMSAConfig":
+        """Build a paper preset (`"cmsa-s"`, `"cmsa-b"`, `"cmsa-l"`), any field overridable."""
+        key = name.lower()
+        if key not in VARIANTS:
+            raise ValueError(f"Unknown CMSA variant {name!r}; known variants: {', '.join(VARIANTS)}")
+        return cls(**{**VARIANTS[key], **overrides})
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.hidden_sizes)
+
+    @property
+    def value_dim(self) -> int:
+        """Value channels per head."""
+        return self.key_dim * self.value_ratio
+
+    def stage_resolutions(self) -> list[tuple[int, int]]:
+        """Feature map (height, width) of every stage at `image_size`."""
+        height, width = self.image_size
+        first = self.stem_stride
+        return [(height // (first * 2**i), width // (first * 2**i)) for i in range(self.num_stages)]
+
+    def window_sizes(self, stage: int) -> list[tuple[int, int]]:
+        """Query window (height, width) of every attention group of a stage."""
+        height, width = self.stage_resolutions()[stage]
+        return [(height // split, width // split) for split in self.window_splits[stage]]
+
+    def _validate_architecture(self):
+        for name in ("depths", "num_heads", "window_splits", "kv_pool_ratios"):
+            if len(getattr(self, name)) != self.num_stages:
+                raise ValueError(
+                    f"{name} has {len(getattr(self, name))} stages but hidden_sizes has {self.num_stages}"
+                )
+        for stage, heads in enumerate(self.num_heads):
+            for name in ("window_splits", "kv_pool_ratios"):
+                groups = getattr(self, name)[stage]
+                if len(groups) != len(heads):
+                    raise ValueError(
+                        f"{name}[{stage}] has {len(groups)} groups but num_heads[{stage}] has {len(heads)}"
+                    )
+        if min(self.image_size) < 1 or self.num_channels < 1:
+            raise ValueError(f"image_size and num_channels must be positive, got {self.image_size}, {self.num_channels}")
+        factor = self.stem_stride * 2 ** (self.num_stages - 1)
+        if any(side % factor for side in self.image_size):
+            raise ValueError(
+                f"image_size {tuple(self.image_size)} must be divisible by {factor} "
+                f"(stem_stride={self.stem_stride} times 2 per later stage)"
+            )
+        for stage, (height, width) in enumerate(self.stage_resolutions()):
+            for group, split in enumerate(self.window_splits[stage]):
+                if split < 1 or height % split or width % split:
+                    raise ValueError(
+                        f"window_splits[{stage}][{group}]={split} does not divide the stage-{stage + 1} feature "
+                        f"map {height}x{width} at image_size {tuple(self.image_size)}"
+                    )
+                ratio = self.kv_pool_ratios[stage][group]
+                window = (height // split, width // split)
+                if ratio < 1 or window[0] % ratio or window[1] % ratio:
+                    raise ValueError(
+                        f"kv_pool_ratios[{stage}][{group}]={ratio} does not divide the window {window[0]}x{window[1]} "
+                        f"of group {group} in stage {stage + 1} at image_size {tuple(self.image_size)}"
+                    )
+
+
+__all__ = ["CMSAConfig", "VARIANTS"]

@@ -1,0 +1,659 @@
+"""PyTorch CMSA: cascaded multi-scale attention for low-resolution images.
+
+The file follows the paper top-down (Fig. 2): reparameterizable convolutions -> stem and stage embeddings ->
+cascaded multi-scale attention (spatial fusion, channel fusion, window attention) -> block -> stage ->
+multi-stage fusion -> `CMSAModel` -> task heads. Where the paper is vague it follows the authors' released
+code (github.com/xyongLu/CMSA, `models/cmasformer.py`); see `configuration_cmsa.py` for the numbers.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
+
+from .configuration_cmsa import CMSAConfig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reparameterizable convolutions (MobileOne / RepVGG style)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d):
+    """Fold an eval-mode BatchNorm that follows a convolution into the convolution's kernel and bias.
+
+    `weight` has its output channels on dim 0 (a Conv2d, or a depthwise ConvTranspose2d).
+    """
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    if bias is not None:
+        shift = shift + bias * scale
+    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1))), shift
+
+
+def _conv_with(conv: nn.Conv2d | nn.ConvTranspose2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """A copy of `conv`'s geometry holding the given kernel and a bias."""
+    kind = type(conv)
+    fused = kind(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        groups=conv.groups,
+        bias=True,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    fused.weight.data.copy_(weight)
+    fused.bias.data.copy_(bias)
+    return fused
+
+
+class CMSAConvBN(nn.Module):
+    """Convolution (no bias) + BatchNorm; `reparameterize()` folds them into one biased convolution."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, groups=1, eps=1e-5, inference_mode=False):
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=inference_mode
+        )
+        self.bn = nn.Identity() if inference_mode else nn.BatchNorm2d(out_channels, eps=eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(hidden_states))
+
+    def fused_kernel_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return fold_batch_norm(self.conv.weight, self.conv.bias, self.bn)
+
+    @torch.no_grad()
+    def reparameterize(self):
+        if isinstance(self.bn, nn.Identity):
+            return
+        self.conv = _conv_with(self.conv, *self.fused_kernel_and_bias())
+        self.bn = nn.Identity()
+
+
+class CMSAReparamConv(nn.Module):
+    """Train-time multi-branch convolution, then an activation.
+
+    Branches: a kxk conv + BN, a 1x1 conv + BN with the same groups and stride (only when k > 1), and a bare BN
+    identity (only with equal in / out channels and stride 1). `reparameterize()` sums them into one kxk conv.
+    """
+
+    def __init__(
+        self, in_channels, out_channels, kernel_size, stride=1, groups=1, activation=None, eps=1e-5, inference_mode=False
+    ):
+        super().__init__()
+        self.in_channels, self.groups = in_channels, groups
+        if inference_mode:
+            self.reparam_conv = nn.Conv2d(
+                in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=True
+            )
+        else:
+            self.conv = CMSAConvBN(in_channels, out_channels, kernel_size, stride, groups, eps)
+            self.scale = CMSAConvBN(in_channels, out_channels, 1, stride, groups, eps) if kernel_size > 1 else None
+            has_identity = in_channels == out_channels and stride == 1
+            self.identity = nn.BatchNorm2d(in_channels, eps=eps) if has_identity else None
+        self.activation = activation if activation is not None else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "reparam_conv"):
+            return self.activation(self.reparam_conv(hidden_states))
+        out = self.conv(hidden_states)
+        if self.scale is not None:
+            out = out + self.scale(hidden_states)
+        if self.identity is not None:
+            out = out + self.identity(hidden_states)
+        return self.activation(out)
+
+    def _identity_kernel(self, like: torch.Tensor) -> torch.Tensor:
+        """The identity as a kxk kernel: a centre tap on each channel's own input."""
+        kernel = torch.zeros_like(like)
+        centre = like.shape[-1] // 2
+        channels = torch.arange(self.in_channels, device=like.device)
+        kernel[channels, channels % (self.in_channels // self.groups), centre, centre] = 1
+        return kernel
+
+    @torch.no_grad()
+    def reparameterize(self):
+        if hasattr(self, "reparam_conv"):
+            return
+        weight, bias = self.conv.fused_kernel_and_bias()
+        if self.scale is not None:
+            scale_weight, scale_bias = self.scale.fused_kernel_and_bias()
+            pad = weight.shape[-1] // 2
+            weight, bias = weight + F.pad(scale_weight, [pad] * 4), bias + scale_bias
+        if self.identity is not None:
+            identity_weight, identity_bias = fold_batch_norm(self._identity_kernel(weight), None, self.identity)
+            weight, bias = weight + identity_weight, bias + identity_bias
+        self.reparam_conv = _conv_with(self.conv.conv, weight, bias)
+        del self.conv, self.scale, self.identity
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stem and stage embeddings (Fig. 2a)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CMSAEmbedding(nn.Module):
+    """Reparameterizable depthwise kxk conv + activation, then a reparameterizable pointwise 1x1 conv.
+
+    Shapes: (batch, in_channels, H, W) -> (batch, out_channels, H / stride, W / stride).
+    """
+
+    def __init__(self, config: CMSAConfig, in_channels: int, out_channels: int, stride: int, activate_output: bool):
+        super().__init__()
+        common = {"eps": config.batch_norm_eps, "inference_mode": config.reparameterized}
+        self.depthwise = CMSAReparamConv(
+            in_channels, in_channels, config.conv_kernel_size, stride, groups=in_channels,
+            activation=ACT2FN[config.hidden_act], **common,
+        )  # fmt: skip
+        output_activation = ACT2FN[config.hidden_act] if activate_output else None
+        self.pointwise = CMSAReparamConv(in_channels, out_channels, 1, activation=output_activation, **common)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(hidden_states))
+
+
+class CMSAStem(nn.Module):
+    """Two embeddings, each followed by the activation: num_channels -> C1 / 2 -> C1 at `stem_stride`."""
+
+    def __init__(self, config: CMSAConfig):
+        super().__init__()
+        width = config.hidden_sizes[0]
+        self.first = CMSAEmbedding(config, config.num_channels, width // 2, config.stem_stride, activate_output=True)
+        self.second = CMSAEmbedding(config, width // 2, width, 1, activate_output=True)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(pixel_values))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cascaded multi-scale attention (Fig. 2c, eqs. 1-2)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CMSASpatialFusion(nn.Module):
+    """SF: x + DWConv-BN(x) -> activation -> PWConv-BN (the inner residual is in the authors' code)."""
+
+    def __init__(self, config: CMSAConfig, channels: int):
+        super().__init__()
+        common = {"eps": config.batch_norm_eps, "inference_mode": config.reparameterized}
+        self.depthwise = CMSAConvBN(channels, channels, config.conv_kernel_size, groups=channels, **common)
+        self.activation = ACT2FN[config.hidden_act]
+        self.pointwise = CMSAConvBN(channels, channels, 1, **common)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.activation(hidden_states + self.depthwise(hidden_states)))
+
+
+class CMSAWindowAttention(nn.Module):
+    """Multi-head attention of one head group inside non-overlapping windows.
+
+    Queries are windows of `window_size` on the full map; keys / values are the same windows on the map pooled
+    by `pool_ratio`. A learned bias per head, indexed by the offset (|dy|, |dx|) between a query position and a
+    key position (each in its own grid, not rescaled), is shared by all windows (LeViT style).
+    """
+
+    def __init__(self, config: CMSAConfig, num_heads: int, window_size: tuple[int, int], pool_ratio: int):
+        super().__init__()
+        self.config = config
+        self.num_heads, self.key_dim, self.value_dim = num_heads, config.key_dim, config.value_dim
+        self.window_size = tuple(window_size)
+        self.kv_window_size = (window_size[0] // pool_ratio, window_size[1] // pool_ratio)
+        self.scale = self.key_dim**-0.5
+        # |dy| < window height and |dx| < window width: one bias per head and offset.
+        self.attention_bias = nn.Parameter(torch.zeros(num_heads, window_size[0] * window_size[1]))
+        self.register_buffer("attention_bias_index", self.relative_bias_index(), persistent=False)
+
+    def relative_bias_index(self) -> torch.Tensor:
+        """(queries per window, keys per window) index into `attention_bias`: |dy| * window width + |dx|."""
+        query_y, query_x = torch.meshgrid(
+            torch.arange(self.window_size[0]), torch.arange(self.window_size[1]), indexing="ij"
+        )
+        key_y, key_x = torch.meshgrid(
+            torch.arange(self.kv_window_size[0]), torch.arange(self.kv_window_size[1]), indexing="ij"
+        )
+        offset_y = (query_y.reshape(-1, 1) - key_y.reshape(1, -1)).abs()
+        offset_x = (query_x.reshape(-1, 1) - key_x.reshape(1, -1)).abs()
+        return offset_y * self.window_size[1] + offset_x
+
+    def forward(self, query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
+        """query (batch, heads * key_dim, H, W), key_value (batch, heads * (key_dim + value_dim), H / r, W / r)
+        -> (batch, heads * value_dim, H, W)."""
+        batch, _, height, width = query.shape
+        (window_h, window_w), (kv_h, kv_w) = self.window_size, self.kv_window_size
+        rows, cols = height // window_h, width // window_w
+        heads = self.num_heads
+
+        # (batch * windows, heads, tokens per window, channels)
+        query = query.view(batch, heads, self.key_dim, rows, window_h, cols, window_w)
+        query = query.permute(0, 3, 5, 1, 4, 6, 2).reshape(batch * rows * cols, heads, window_h * window_w, -1)
+        key_value = key_value.view(batch, heads, self.key_dim + self.value_dim, rows, kv_h, cols, kv_w)
+        key_value = key_value.permute(0, 3, 5, 1, 4, 6, 2).reshape(batch * rows * cols, heads, kv_h * kv_w, -1)
+        key, value = key_value.split([self.key_dim, self.value_dim], dim=-1)
+
+        bias = self.attention_bias[:, self.attention_bias_index].to(query.dtype)  # (heads, Nq, Nkv)
+        if self.config._attn_implementation == "eager":
+            weights = (query @ key.transpose(-2, -1)) * self.scale + bias
+            context = weights.softmax(dim=-1) @ value
+        else:
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scale)
+
+        context = context.view(batch, rows, cols, heads, window_h, window_w, self.value_dim)
+        return context.permute(0, 3, 6, 1, 4, 2, 5).reshape(batch, heads * self.value_dim, height, width)
+
+
+class CMSACascadedAttention(nn.Module):
+    """Cascaded multi-scale attention of one block.
+
+    Per group k: K/V_k -> [CF_k(concat(K/V_k, X'_{k-1})) for k > 1] -> SF_k -> Pool_k -> WindowAttention_k(Q_k)
+    = X'_k. Queries are never modified. Output: Linear(concat(X'_1..X'_n)).
+    Shapes: (batch, C, H, W) -> (batch, C, H, W).
+    """
+
+    def __init__(self, config: CMSAConfig, stage: int):
+        super().__init__()
+        dim, heads = config.hidden_sizes[stage], config.num_heads[stage]
+        key_dim, value_dim = config.key_dim, config.value_dim
+        common = {"eps": config.batch_norm_eps, "inference_mode": config.reparameterized}
+        self.query_channels = [h * key_dim for h in heads]
+        self.key_value_channels = [h * (key_dim + value_dim) for h in heads]
+        # One 1x1 projection for Q and KV (the authors' two convs, fused): per group and head [k, v] channels.
+        self.qkv = nn.Conv2d(dim, sum(self.query_channels) + sum(self.key_value_channels), 1)
+        self.channel_fusions = nn.ModuleList(
+            CMSAConvBN(self.key_value_channels[k] + heads[k - 1] * value_dim, self.key_value_channels[k], **common)
+            for k in range(1, len(heads))
+        )
+        self.spatial_fusions = nn.ModuleList(CMSASpatialFusion(config, c) for c in self.key_value_channels)
+        self.pools = nn.ModuleList(
+            nn.AvgPool2d(r) if r > 1 else nn.Identity() for r in config.kv_pool_ratios[stage]
+        )
+        self.attentions = nn.ModuleList(
+            CMSAWindowAttention(config, h, window, ratio)
+            for h, window, ratio in zip(heads, config.window_sizes(stage), config.kv_pool_ratios[stage])
+        )
+        self.proj = nn.Conv2d(sum(heads) * value_dim, dim, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        queries, key_values = self.qkv(hidden_states).split(
+            [sum(self.query_channels), sum(self.key_value_channels)], dim=1
+        )
+        queries = queries.split(self.query_channels, dim=1)
+        key_values = key_values.split(self.key_value_channels, dim=1)
+        outputs = []
+        for group, (query, key_value) in enumerate(zip(queries, key_values)):
+            if group > 0:
+                key_value = self.channel_fusions[group - 1](torch.cat([key_value, outputs[-1]], dim=1))
+            key_value = self.pools[group](self.spatial_fusions[group](key_value))
+            outputs.append(self.attentions[group](query, key_value))
+        return self.proj(torch.cat(outputs, dim=1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Block and stage (Fig. 2b, eqs. 3-5)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def drop_path(hidden_states: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop whole samples of a residual branch."""
+    if rate == 0.0 or not training:
+        return hidden_states
+    keep = 1.0 - rate
+    mask = hidden_states.new_empty((hidden_states.shape[0],) + (1,) * (hidden_states.dim() - 1)).bernoulli_(keep)
+    return hidden_states * mask / keep
+
+
+class CMSAMlp(nn.Module):
+    """Two-layer MLP on channels-last tokens: (..., C) -> (..., C)."""
+
+    def __init__(self, config: CMSAConfig, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim * config.mlp_ratio)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(dim * config.mlp_ratio, dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(hidden_states)))
+
+
+class CMSABlock(GradientCheckpointingLayer):
+    """x = PE(x); x = x + DropPath(CMSA(BN(x))); x = x + DropPath(MLP(LN(x))). Shapes: (batch, C, H, W)."""
+
+    def __init__(self, config: CMSAConfig, stage: int, drop_path_rate: float):
+        super().__init__()
+        dim = config.hidden_sizes[stage]
+        self.position_encoding = CMSAReparamConv(
+            dim, dim, config.conv_kernel_size, groups=dim, activation=ACT2FN[config.hidden_act],
+            eps=config.batch_norm_eps, inference_mode=config.reparameterized,
+        )  # fmt: skip
+        self.attention_norm = nn.Identity() if config.reparameterized else nn.BatchNorm2d(dim, config.batch_norm_eps)
+        self.attention = CMSACascadedAttention(config, stage)
+        self.mlp_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = CMSAMlp(config, dim)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.position_encoding(hidden_states)
+        attention = self.attention(self.attention_norm(hidden_states))
+        hidden_states = hidden_states + drop_path(attention, self.drop_path_rate, self.training)
+        tokens = hidden_states.permute(0, 2, 3, 1)
+        tokens = tokens + drop_path(self.mlp(self.mlp_norm(tokens)), self.drop_path_rate, self.training)
+        return tokens.permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def reparameterize(self):
+        """Fold the BatchNorm before the attention into the Q/KV projection that consumes it."""
+        if isinstance(self.attention_norm, nn.Identity):
+            return
+        norm, qkv = self.attention_norm, self.attention.qkv
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        shift = norm.bias - norm.running_mean * scale
+        qkv.bias.add_(qkv.weight[:, :, 0, 0] @ shift)
+        qkv.weight.mul_(scale.reshape(1, -1, 1, 1))
+        self.attention_norm = nn.Identity()
+
+
+class CMSAStage(nn.Module):
+    """The stem (stage 1) or a stride-2 embedding (later stages), then the stage's CMSA blocks."""
+
+    def __init__(self, config: CMSAConfig, stage: int, drop_path_rates: list[float]):
+        super().__init__()
+        if stage == 0:
+            self.embedding = CMSAStem(config)
+        else:
+            channels = config.hidden_sizes[stage - 1 : stage + 1]
+            self.embedding = CMSAEmbedding(config, *channels, stride=2, activate_output=False)
+        self.blocks = nn.ModuleList(CMSABlock(config, stage, rate) for rate in drop_path_rates)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.embedding(hidden_states)
+        for block in self.blocks:
+            hidden_states = block(hidden_states)
+        return hidden_states
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-stage fusion (the "FGMM" of the authors' code)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CMSAUpsample(nn.Module):
+    """Depthwise ConvTranspose2d (kernel = stride = factor) + BN: (batch, C, h, w) -> (batch, C, h * f, w * f)."""
+
+    def __init__(self, config: CMSAConfig, channels: int, factor: int):
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(channels, channels, factor, stride=factor, groups=channels)
+        self.bn = nn.Identity() if config.reparameterized else nn.BatchNorm2d(channels, eps=config.batch_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(hidden_states))
+
+    @torch.no_grad()
+    def reparameterize(self):
+        if isinstance(self.bn, nn.Identity):
+            return
+        self.conv = _conv_with(self.conv, *fold_batch_norm(self.conv.weight, self.conv.bias, self.bn))
+        self.bn = nn.Identity()
+
+
+class CMSAMultiScaleFusion(nn.Module):
+    """Upsample every stage output to stage-1 resolution and concatenate them.
+
+    Shapes: [(batch, C_i, H / 2^i, W / 2^i)] -> (batch, sum C_i, H, W) (H, W: the stage-1 map).
+    """
+
+    def __init__(self, config: CMSAConfig):
+        super().__init__()
+        self.upsamplers = nn.ModuleList(
+            CMSAUpsample(config, channels, 2**stage)
+            for stage, channels in enumerate(config.hidden_sizes)
+            if stage > 0
+        )
+
+    def forward(self, stage_outputs: list[torch.Tensor]) -> torch.Tensor:
+        upsampled = [upsample(x) for upsample, x in zip(self.upsamplers, stage_outputs[1:])]
+        return torch.cat([stage_outputs[0], *upsampled], dim=1)
+
+
+class CMSAFusionNeck(nn.Module):
+    """Conv1x1 + BN (sum C -> hidden) + activation: the first half of the authors' fusion head, shared by the
+    task heads. Shapes: (batch, sum C, H, W) -> (batch, hidden, H, W)."""
+
+    def __init__(self, config: CMSAConfig):
+        super().__init__()
+        in_channels = sum(config.hidden_sizes)
+        self.hidden_size = int(in_channels * config.fusion_hidden_ratio)
+        self.projection = CMSAConvBN(
+            in_channels, self.hidden_size, eps=config.batch_norm_eps, inference_mode=config.reparameterized
+        )
+        self.activation = ACT2FN[config.hidden_act]
+
+    def forward(self, fused: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.projection(fused))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def reparameterize_model(model: nn.Module) -> nn.Module:
+    """Fold every multi-branch convolution and conv + BN pair of `model` in place (inference form).
+
+    Idempotent; puts the model in eval mode and marks its config `reparameterized=True`.
+    """
+    model.eval()
+    for module in list(model.modules()):
+        if not isinstance(module, PreTrainedModel) and hasattr(module, "reparameterize"):
+            module.reparameterize()
+    if hasattr(model, "config"):
+        model.config.reparameterized = True
+    return model
+
+
+def check_pixel_values(pixel_values: torch.Tensor, config: CMSAConfig):
+    """Raise a ValueError naming expected vs given shape for input the model cannot take."""
+    expected = (config.num_channels, *config.image_size)
+    shape = tuple(pixel_values.shape)
+    expected_text = f"(batch_size, {expected[0]}, {expected[1]}, {expected[2]})"
+    if pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must be a 4D tensor {expected_text}, got a {pixel_values.dim()}D tensor {shape}")
+    if shape[1] != expected[0]:
+        raise ValueError(
+            f"pixel_values has {shape[1]} channels but the model expects {expected[0]} "
+            f"(config.num_channels): expected {expected_text}, got {shape}"
+        )
+    if shape[2:] != expected[1:]:
+        raise ValueError(
+            f"pixel_values is {shape[2]}x{shape[3]} but the model was built for image_size "
+            f"{expected[1]}x{expected[2]}: expected {expected_text}, got {shape}. Resize the images "
+            "(CMSAImageProcessor does) or build the model with a matching config.image_size."
+        )
+
+
+class CMSAPreTrainedModel(PreTrainedModel):
+    config_class = CMSAConfig
+    config: CMSAConfig
+    base_model_prefix = "cmsa"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["CMSABlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+            init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm2d):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, CMSAWindowAttention):
+            init.zeros_(module.attention_bias)
+            init.copy_(module.attention_bias_index, module.relative_bias_index())
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, stricter: weights that do not fit the config raise a ValueError
+        naming the parameters (shape mismatches, unless `ignore_mismatched_sizes=True`, which re-initialises
+        them; and backbone weights missing from the checkpoint, which would otherwise stay random)."""
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as error:
+            raise OSError(f"The weights in {pretrained_model_name_or_path} are corrupt or truncated: {error}") from error
+        problems = []
+        if not ignore_mismatched_sizes:
+            problems += [
+                f"{key}: checkpoint {tuple(checkpoint_shape)} vs model {tuple(model_shape)}"
+                for key, checkpoint_shape, model_shape in sorted(info["mismatched_keys"])
+            ]
+        backbone_prefix = "" if isinstance(model, CMSAModel) else f"{cls.base_model_prefix}."
+        problems += [f"{key}: missing from the checkpoint" for key in sorted(info["missing_keys"]) if key.startswith(backbone_prefix)]
+        if problems:
+            shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+            raise ValueError(
+                f"The weights in {pretrained_model_name_or_path} do not match its config ({len(problems)} parameters):"
+                f"\n  {shown}\nCheck that config.json belongs to these weights (a reparameterized checkpoint needs "
+                "reparameterized=true); pass ignore_mismatched_sizes=True to re-initialise mismatched heads."
+            )
+        return (model, info) if output_loading_info else model
+
+    def reparameterize(self) -> "CMSAPreTrainedModel":
+        """Fold the multi-branch convolutions and conv + BN pairs for inference (in place, idempotent).
+
+        The result is inference-only: it saves with `config.reparameterized = True`, reloads in that form, and
+        refuses a training-mode forward (fine-tune the multi-branch checkpoint instead).
+        """
+        return reparameterize_model(self)
+
+
+class CMSAModel(CMSAPreTrainedModel):
+    """Stem -> stages -> multi-stage fusion.
+
+    Returns `last_hidden_state` = the fused map (batch, sum C, H1, W1) at stage-1 resolution, `pooler_output` =
+    its spatial mean (batch, sum C), and `hidden_states` = the stage outputs (batch, C_i, H1 / 2^i, W1 / 2^i).
+    """
+
+    def __init__(self, config: CMSAConfig):
+        super().__init__(config)
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        bounds = [sum(config.depths[:i]) for i in range(config.num_stages + 1)]
+        self.stages = nn.ModuleList(
+            CMSAStage(config, stage, rates[bounds[stage] : bounds[stage + 1]]) for stage in range(config.num_stages)
+        )
+        self.fusion = CMSAMultiScaleFusion(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        check_pixel_values(pixel_values, self.config)
+        if self.training and self.config.reparameterized:
+            raise RuntimeError(
+                "This CMSA model is reparameterized (inference-only): its BatchNorms are folded away. Call "
+                "model.eval() for inference, or fine-tune the multi-branch (not reparameterized) checkpoint."
+            )
+
+        hidden_states, stage_outputs = pixel_values, []
+        for stage in self.stages:
+            hidden_states = stage(hidden_states)
+            stage_outputs.append(hidden_states)
+        fused = self.fusion(stage_outputs)
+        pooled = fused.mean(dim=(2, 3))
+        all_hidden_states = tuple(stage_outputs) if output_hidden_states else None
+
+        if not return_dict:
+            return tuple(value for value in (fused, pooled, all_hidden_states) if value is not None)
+        return BaseModelOutputWithPoolingAndNoAttention(
+            last_hidden_state=fused, pooler_output=pooled, hidden_states=all_hidden_states
+        )
+
+
+class CMSAForImageClassification(CMSAPreTrainedModel):
+    """CMSAModel -> fusion neck (Conv1x1 + BN + activation) -> global average pool -> dropout -> linear."""
+
+    def __init__(self, config: CMSAConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.cmsa = CMSAModel(config)
+        self.neck = CMSAFusionNeck(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = (
+            nn.Linear(self.neck.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutputWithNoAttention | tuple:
+        """labels: (batch,) class indices, or (batch, num_labels) targets for regression / multi-label."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.cmsa(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        pooled = self.neck(outputs.last_hidden_state).mean(dim=(2, 3))
+        logits = self.classifier(self.dropout(pooled))
+
+        loss = None
+        if labels is not None:
+            self._check_labels(labels)
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+
+        if not return_dict:
+            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+    def _check_labels(self, labels: torch.Tensor):
+        """Class-index labels must lie in [0, num_labels) (or be the ignore index -100)."""
+        if labels.is_floating_point() or self.config.problem_type in ("regression", "multi_label_classification"):
+            return
+        valid = labels[labels != -100]
+        if valid.numel() and (valid.min() < 0 or valid.max() >= self.num_labels):
+            raise ValueError(
+                f"labels must be class indices in [0, {self.num_labels}) (num_labels={self.num_labels}), "
+                f"got values from {int(valid.min())} to {int(valid.max())}"
+            )
+
+
+__all__ = [
+    "CMSAPreTrainedModel",
+    "CMSAModel",
+    "CMSAForImageClassification",
+    "reparameterize_model",
+]

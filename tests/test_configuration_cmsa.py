@@ -1,0 +1,74 @@
+import pytest
+
+from cmsa_hf import VARIANTS, CMSAConfig
+
+
+def test_defaults_are_cmsa_s_at_32x24():
+    config = CMSAConfig()
+    assert config.model_type == "cmsa"
+    assert config.image_size == [32, 24]
+    assert config.hidden_sizes == VARIANTS["cmsa-s"]["hidden_sizes"]
+    assert config.num_heads == VARIANTS["cmsa-s"]["num_heads"]
+
+
+@pytest.mark.parametrize(
+    "name, hidden_sizes, stage2_heads",
+    [("cmsa-s", [96, 160, 224], [3, 3]), ("cmsa-b", [128, 192, 256], [3, 4]), ("cmsa-l", [128, 256, 320], [3, 3])],
+)
+def test_presets(name, hidden_sizes, stage2_heads):
+    config = CMSAConfig.from_variant(name)
+    assert config.hidden_sizes == hidden_sizes
+    assert config.num_heads[1] == stage2_heads
+    assert config.depths == [2, 4, 3]
+    assert (config.key_dim, config.value_dim, config.mlp_ratio) == (16, 32, 4)
+
+
+def test_windows_at_32x24_match_the_paper():
+    config = CMSAConfig.from_variant("cmsa-s", image_size=(32, 24))
+    assert config.stage_resolutions() == [(32, 24), (16, 12), (8, 6)]
+    assert config.window_sizes(0) == [(32, 24), (16, 12), (8, 6)]
+    assert config.window_sizes(1) == [(16, 12), (8, 6)]
+    assert config.window_sizes(2) == [(8, 6), (8, 6)]
+
+
+def test_windows_follow_the_stage_maps():
+    config = CMSAConfig.from_variant("cmsa-b", image_size=(64, 48))
+    assert config.window_sizes(0) == [(64, 48), (32, 24), (16, 12)]
+    assert CMSAConfig.from_variant("cmsa-b", image_size=16).window_sizes(2) == [(4, 4), (4, 4)]
+
+
+def test_overrides_and_case_insensitive_name():
+    config = CMSAConfig.from_variant("CMSA-L", image_size=(32, 32), num_labels=100, drop_path_rate=0.0)
+    assert config.hidden_sizes == [128, 256, 320]
+    assert (config.num_labels, config.drop_path_rate, config.image_size) == (100, 0.0, [32, 32])
+
+
+def test_unknown_variant_lists_known_ones():
+    with pytest.raises(ValueError, match="cmsa-x.*cmsa-s, cmsa-b, cmsa-l"):
+        CMSAConfig.from_variant("cmsa-x")
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"image_size": (30, 24)}, "image_size"),  # not divisible by 4: the stage maps would not line up
+        ({"image_size": (32, 20)}, r"kv_pool_ratios\[1\]\[1\]"),  # stage-2 window 8x5 cannot be pooled by 2
+        ({"image_size": (32, 24), "window_splits": [[1, 2, 5], [1, 2], [1, 1]]}, r"window_splits\[0\]\[2\]"),
+        ({"window_splits": [[1, 2, 3], [1, 2], [1, 1]]}, r"window_splits\[0\]\[2\]"),
+        ({"kv_pool_ratios": [[2, 2, 4], [2, 2], [1, 2]]}, r"kv_pool_ratios\[0\]\[2\]"),
+        ({"kv_pool_ratios": [[2, 2, 1], [2, 2], [1, 4]]}, r"kv_pool_ratios\[2\]\[1\]"),
+        ({"num_heads": [[2, 2], [3, 3], [4, 4]]}, r"window_splits\[0\].*num_heads\[0\]"),
+        ({"depths": [2, 4]}, "depths"),
+    ],
+)
+def test_validation_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        CMSAConfig.from_variant("cmsa-s", **overrides)
+
+
+def test_json_round_trip(tmp_path):
+    config = CMSAConfig.from_variant("cmsa-b", image_size=(64, 48), num_labels=7)
+    config.save_pretrained(tmp_path)
+    loaded = CMSAConfig.from_pretrained(tmp_path)
+    for field in ("image_size", "hidden_sizes", "num_heads", "window_splits", "kv_pool_ratios", "num_labels"):
+        assert getattr(loaded, field) == getattr(config, field)

@@ -1,0 +1,375 @@
+import copy
+import itertools
+import json
+
+import pytest
+import torch
+from conftest import randomise_batch_norms, tiny_config
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+from cmsa_hf import CMSAConfig, CMSAForImageClassification, CMSAModel
+from cmsa_hf.modeling_cmsa import (
+    CMSABlock,
+    CMSAConvBN,
+    CMSAEmbedding,
+    CMSAReparamConv,
+    CMSAUpsample,
+    CMSAWindowAttention,
+    reparameterize_model,
+)
+
+
+VARIANT_NAMES = ["cmsa-s", "cmsa-b", "cmsa-l"]
+
+
+def _eval_pair(config):
+    torch.manual_seed(0)
+    return CMSAForImageClassification(config).eval()
+
+
+# --------------------------------------------------------------------------------------------- parameter counts
+
+
+@pytest.mark.parametrize("name, paper_millions", [("cmsa-s", 4.2), ("cmsa-b", 5.7), ("cmsa-l", 7.4)])
+def test_classifier_parameters_match_table_4(name, paper_millions):
+    config = CMSAConfig.from_variant(name, image_size=(32, 32), num_labels=100)
+    count = CMSAForImageClassification(config).num_parameters() / 1e6
+    assert abs(count / paper_millions - 1) <= 0.03, count
+
+
+@pytest.mark.parametrize("name, paper_millions", [("cmsa-s", 4.0), ("cmsa-b", 5.4), ("cmsa-l", 7.1)])
+def test_backbone_parameters_match_table_3(name, paper_millions):
+    count = CMSAModel(CMSAConfig.from_variant(name, image_size=(32, 24))).num_parameters() / 1e6
+    assert abs(count / paper_millions - 1) <= 0.03, count
+
+
+# --------------------------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("image_size", [(16, 16), (32, 24), (32, 32), (64, 48), (64, 64)])
+def test_one_preset_runs_at_every_resolution(image_size):
+    config = CMSAConfig.from_variant("cmsa-s", image_size=image_size)
+    model = CMSAModel(config).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, *image_size), output_hidden_states=True)
+    height, width = image_size
+    assert out.last_hidden_state.shape == (1, 96 + 160 + 224, height, width)
+    assert out.pooler_output.shape == (1, 480)
+    assert [tuple(h.shape) for h in out.hidden_states] == [
+        (1, 96, height, width),
+        (1, 160, height // 2, width // 2),
+        (1, 224, height // 4, width // 4),
+    ]
+
+
+def test_return_dict_false_and_hidden_states(tiny):
+    model = CMSAModel(tiny).eval()
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        as_dict = model(pixels)
+        as_tuple = model(pixels, return_dict=False)
+        with_hidden = model(pixels, output_hidden_states=True, return_dict=False)
+    assert as_dict.hidden_states is None
+    assert len(as_tuple) == 2 and torch.equal(as_tuple[0], as_dict.last_hidden_state)
+    assert len(with_hidden) == 3 and len(with_hidden[2]) == 3
+    torch.testing.assert_close(as_dict.pooler_output, as_dict.last_hidden_state.mean(dim=(2, 3)))
+
+    classifier = CMSAForImageClassification(tiny_config(output_hidden_states=True)).eval()
+    with torch.no_grad():
+        logits, hidden = classifier(pixels, return_dict=False)
+    assert logits.shape == (2, 3) and len(hidden) == 3
+
+
+def _naive_window_attention(module: CMSAWindowAttention, query, key_value):
+    """Reference: explicit loops over samples, windows and heads, bias looked up by (|dy|, |dx|)."""
+    batch, _, height, width = query.shape
+    (wh, ww), (kh, kw) = module.window_size, module.kv_window_size
+    kd, vd = module.key_dim, module.value_dim
+    out = torch.zeros(batch, module.num_heads * vd, height, width)
+    query_points = list(itertools.product(range(wh), range(ww)))
+    key_points = list(itertools.product(range(kh), range(kw)))
+    for b, row, col, head in itertools.product(
+        range(batch), range(height // wh), range(width // ww), range(module.num_heads)
+    ):
+        q = query[b, head * kd : (head + 1) * kd, row * wh : (row + 1) * wh, col * ww : (col + 1) * ww]
+        kv = key_value[b, head * (kd + vd) : (head + 1) * (kd + vd), row * kh : (row + 1) * kh, col * kw : (col + 1) * kw]
+        q, kv = q.reshape(kd, -1).T, kv.reshape(kd + vd, -1).T
+        table = {(dy, dx): module.attention_bias[head, dy * ww + dx] for dy in range(wh) for dx in range(ww)}
+        bias = torch.stack(
+            [torch.stack([table[abs(qy - ky), abs(qx - kx)] for ky, kx in key_points]) for qy, qx in query_points]
+        )
+        weights = torch.softmax(q @ kv[:, :kd].T / kd**0.5 + bias, dim=-1)
+        context = (weights @ kv[:, kd:]).T.reshape(vd, wh, ww)
+        out[b, head * vd : (head + 1) * vd, row * wh : (row + 1) * wh, col * ww : (col + 1) * ww] = context
+    return out
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("window, ratio", [((8, 6), 2), ((4, 3), 1), ((16, 12), 2)])
+def test_window_attention_matches_a_loop_over_windows(implementation, window, ratio):
+    config = CMSAConfig(attn_implementation=implementation)
+    torch.manual_seed(0)
+    module = CMSAWindowAttention(config, num_heads=2, window_size=window, pool_ratio=ratio)
+    with torch.no_grad():
+        module.attention_bias.normal_()
+    query = torch.randn(2, 2 * config.key_dim, 16, 12)
+    key_value = torch.randn(2, 2 * (config.key_dim + config.value_dim), 16 // ratio, 12 // ratio)
+    with torch.no_grad():
+        torch.testing.assert_close(module(query, key_value), _naive_window_attention(module, query, key_value))
+
+
+def test_sdpa_and_eager_models_agree(tiny):
+    torch.manual_seed(0)
+    model = CMSAForImageClassification(tiny).eval()
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        model.config._attn_implementation = "sdpa"
+        sdpa = model(pixels).logits
+        model.config._attn_implementation = "eager"
+        eager = model(pixels).logits
+    torch.testing.assert_close(sdpa, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    torch.manual_seed(0)
+    model = CMSAForImageClassification(tiny).train()
+    pixels, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 1])
+
+    def gradients(m):
+        m.zero_grad()
+        m(pixels, labels=labels).loss.backward()
+        return {name: p.grad.clone() for name, p in m.named_parameters() if p.grad is not None}
+
+    reference = gradients(copy.deepcopy(model))
+    model.gradient_checkpointing_enable()
+    assert all(block.gradient_checkpointing for block in model.modules() if isinstance(block, CMSABlock))
+    checkpointed = gradients(model)
+    assert reference.keys() == checkpointed.keys()
+    for name in reference:
+        torch.testing.assert_close(checkpointed[name], reference[name], msg=name)
+
+
+# --------------------------------------------------------------------------------------------- classification
+
+
+def test_classification_loss_and_label_maps():
+    config = tiny_config(id2label={0: "cat", 1: "dog", 2: "owl"}, label2id={"cat": 0, "dog": 1, "owl": 2})
+    model = CMSAForImageClassification(config).eval()
+    pixels, labels = torch.randn(3, 3, 16, 16), torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        out = model(pixels, labels=labels)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+    assert model.config.id2label[2] == "owl" and model.config.label2id["dog"] == 1
+
+
+def test_multi_label_and_regression_problem_types():
+    multi = CMSAForImageClassification(tiny_config(problem_type="multi_label_classification")).eval()
+    targets = torch.tensor([[1.0, 0.0, 1.0]])
+    with torch.no_grad():
+        out = multi(torch.randn(1, 3, 16, 16), labels=targets)
+    torch.testing.assert_close(out.loss, torch.nn.functional.binary_cross_entropy_with_logits(out.logits, targets))
+
+    regression = CMSAForImageClassification(tiny_config(num_labels=1)).eval()
+    with torch.no_grad():
+        out = regression(torch.randn(2, 3, 16, 16), labels=torch.tensor([0.5, -1.0]))
+    torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(), torch.tensor([0.5, -1.0])))
+
+
+def test_label_outside_num_labels_is_a_clear_error(tiny):
+    model = CMSAForImageClassification(tiny).eval()
+    with pytest.raises(ValueError, match=r"\[0, 3\).*3"):
+        model(torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 3]))
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((3, 16, 16), r"4D tensor \(batch_size, 3, 16, 16\), got a 3D tensor \(3, 16, 16\)"),
+        ((2, 1, 16, 16), r"1 channels but the model expects 3.*got \(2, 1, 16, 16\)"),
+        ((2, 4, 16, 16), r"4 channels but the model expects 3"),
+        ((2, 3, 32, 24), r"32x24 but the model was built for image_size 16x16.*\(batch_size, 3, 16, 16\)"),
+    ],
+)
+def test_bad_pixel_values(tiny, shape, message):
+    model = CMSAForImageClassification(tiny).eval()
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(*shape))
+
+
+# --------------------------------------------------------------------------------------------- save / load
+
+
+def _nontrivial(model):
+    """Move every weight and statistic away from its initial value, so a re-initialisation on load shows."""
+    randomise_batch_norms(model, seed=1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, CMSAWindowAttention):
+                module.attention_bias.normal_()
+    return model
+
+
+def test_save_load_round_trip_is_exact(tmp_path, tiny):
+    torch.manual_seed(0)
+    model = _nontrivial(CMSAForImageClassification(tiny)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert type(loaded) is CMSAForImageClassification and not loaded.training
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits, rtol=0, atol=0)
+    # The bias index is a non-persistent buffer: it must be rebuilt on load, not left as uninitialised memory.
+    for module, original in zip(loaded.modules(), model.modules()):
+        if isinstance(module, CMSAWindowAttention):
+            assert torch.equal(module.attention_bias_index, original.attention_bias_index)
+
+
+def test_auto_classes_are_registered(tmp_path, tiny):
+    assert type(AutoConfig.for_model("cmsa")) is CMSAConfig
+    assert type(AutoModel.from_config(tiny)) is CMSAModel
+    assert type(AutoModelForImageClassification.from_config(tiny)) is CMSAForImageClassification
+    CMSAForImageClassification(tiny).save_pretrained(tmp_path)
+    assert type(AutoModel.from_pretrained(tmp_path)) is CMSAModel  # the backbone of a classifier checkpoint
+
+
+def test_mismatched_checkpoint_names_the_parameter(tmp_path, tiny):
+    CMSAForImageClassification(tiny).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["hidden_sizes"] = [16, 24, 40]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"cmsa\.stages\.2\..*checkpoint \(32.*\) vs model \(40"):
+        CMSAForImageClassification.from_pretrained(tmp_path)
+
+
+def test_new_label_count_needs_ignore_mismatched_sizes(tmp_path, tiny):
+    torch.manual_seed(0)
+    original = _nontrivial(CMSAForImageClassification(tiny)).eval()
+    original.save_pretrained(tmp_path)
+    id2label = {i: f"new-{i}" for i in range(5)}
+    labels = {"id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
+    with pytest.raises(ValueError, match=r"classifier\.weight: checkpoint \(3, 36\) vs model \(5, 36\)"):
+        CMSAForImageClassification.from_pretrained(tmp_path, **labels)
+    model = CMSAForImageClassification.from_pretrained(tmp_path, ignore_mismatched_sizes=True, **labels)
+    assert model.classifier.out_features == 5 and model.config.num_labels == 5
+    torch.testing.assert_close(model.cmsa.state_dict(), original.cmsa.state_dict())
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny):
+    CMSAForImageClassification(tiny).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    with pytest.raises(OSError, match="corrupt or truncated"):
+        CMSAForImageClassification.from_pretrained(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- reparameterization
+
+
+def _reparam_close(module, inputs, atol):
+    randomise_batch_norms(module, seed=3).eval()
+    with torch.no_grad():
+        before = module(*inputs)
+        reparameterize_model(module)
+        after = module(*inputs)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+    torch.testing.assert_close(after, before, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: CMSAConvBN(8, 16, 3),
+        lambda: CMSAReparamConv(8, 8, 3, groups=8),  # positional encoding: kxk + 1x1 + identity
+        lambda: CMSAReparamConv(8, 8, 3, stride=2, groups=8),  # stage embedding: no identity at stride 2
+        lambda: CMSAReparamConv(3, 3, 3, groups=3),
+        lambda: CMSAReparamConv(8, 8, 1),  # pointwise with identity
+        lambda: CMSAReparamConv(8, 16, 1),  # pointwise, conv + BN only
+    ],
+)
+def test_each_reparameterizable_conv_folds_exactly(make):
+    torch.manual_seed(0)
+    _reparam_close(make(), (torch.randn(2, module_channels(make), 8, 6),), atol=1e-5)
+
+
+def module_channels(make):
+    module = make()
+    first = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+    return first.in_channels
+
+
+def test_upsample_embedding_and_block_fold_exactly(tiny):
+    torch.manual_seed(0)
+    _reparam_close(CMSAUpsample(tiny, 8, 4), (torch.randn(2, 8, 4, 4),), atol=1e-5)
+    _reparam_close(CMSAEmbedding(tiny, 8, 16, 2, activate_output=False), (torch.randn(2, 8, 8, 8),), atol=1e-5)
+    _reparam_close(CMSABlock(tiny, 0, 0.0), (torch.randn(2, 16, 16, 16),), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_reparameterized_model_matches_multi_branch(name):
+    # float64: a random (untrained) network's stage-3 attention saturates, which makes float32 rounding
+    # differences grow chaotically; in float64 the comparison isolates the algebra of the fold.
+    config = CMSAConfig.from_variant(name, image_size=(32, 24), num_labels=10)
+    torch.manual_seed(0)
+    model = randomise_batch_norms(CMSAForImageClassification(config), seed=2).double().eval()
+    pixels = torch.randn(4, 3, 32, 24, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(pixels, output_hidden_states=True)
+        trained_count = model.num_parameters()
+        assert model.reparameterize() is model
+        after = model(pixels, output_hidden_states=True)
+    assert model.config.reparameterized and model.num_parameters() < trained_count
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert (after.logits - before.logits).abs().max() <= 1e-4
+    for stage_after, stage_before in zip(after.hidden_states, before.hidden_states):
+        relative = (stage_after - stage_before).abs().max() / stage_before.abs().max()
+        assert relative <= 1e-9
+
+
+def test_reparameterize_is_idempotent_and_reloads(tmp_path, tiny):
+    torch.manual_seed(0)
+    model = _nontrivial(CMSAForImageClassification(tiny)).reparameterize()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.reparameterize()
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["reparameterized"] is True
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert loaded.config.reparameterized and loaded.state_dict().keys() == model.state_dict().keys()
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits, rtol=0, atol=0)
+
+
+def test_reparameterized_checkpoint_with_a_multi_branch_config_is_refused(tmp_path, tiny):
+    CMSAForImageClassification(tiny).reparameterize().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["reparameterized"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"(?s)missing from the checkpoint.*reparameterized=true"):
+        CMSAForImageClassification.from_pretrained(tmp_path)
+
+
+def test_training_a_reparameterized_model_is_refused(tiny):
+    model = CMSAForImageClassification(tiny).reparameterize()
+    model.train()
+    with pytest.raises(RuntimeError, match="reparameterized.*inference-only"):
+        model(torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 1]))
+
+
+def test_reparameterized_copy_leaves_the_original_trainable(tiny):
+    model = CMSAForImageClassification(tiny)
+    inference = copy.deepcopy(model).reparameterize()
+    assert inference.config is not model.config and not model.config.reparameterized
+    model.train()(torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 1])).loss.backward()
+
+
+def test_saved_folder_carries_the_code_for_remote_loading(tmp_path, tiny):
+    CMSAForImageClassification(tiny).save_pretrained(tmp_path)
+    assert {"modeling_cmsa.py", "configuration_cmsa.py"} <= {p.name for p in tmp_path.iterdir()}
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageClassification"] == "modeling_cmsa.CMSAForImageClassification"
