@@ -120,6 +120,14 @@ class CMSAConfig(PreTrainedConfig):
         return cls(**{**VARIANTS[key], **overrides})
 
     @property
+    def variant(self) -> str | None:
+        """The paper preset this architecture is (`"cmsa-s"`, `"cmsa-b"`, `"cmsa-l"`), or None for a custom one."""
+        for name, preset in VARIANTS.items():
+            if all(getattr(self, key) == value for key, value in preset.items()):
+                return name
+        return None
+
+    @property
     def num_stages(self) -> int:
         return len(self.hidden_sizes)
 

@@ -1,0 +1,1 @@
+"""Data sets as `datasets.Dataset` objects, their validation, and training-time augmentation."""

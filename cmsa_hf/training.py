@@ -1,0 +1,261 @@
+"""What every Accelerate training script of cmsa_hf shares: the common flags, crash-safe checkpoints with exact
+resume, the learning-rate schedule and the training loop. The task scripts in `examples/` add their data, loss
+and evaluation.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, **defaults):
+    """Flags shared by the training scripts; `defaults` overrides the paper-recipe defaults per task."""
+    d = {
+        "learning_rate": 2.5e-3,
+        "min_learning_rate": 1e-5,
+        "weight_decay": 0.05,
+        "per_device_train_batch_size": 128,
+        "per_device_eval_batch_size": 256,
+        "num_train_epochs": 300,
+        "num_warmup_epochs": 5,
+        "drop_path_rate": 0.1,
+        **defaults,
+    }
+    group = parser.add_argument_group("training (shared by the cmsa_hf scripts)")
+    group.add_argument("--output_dir", type=str, required=True, help="Where the Hub-ready folder and checkpoints go.")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--per_device_train_batch_size", type=int, default=d["per_device_train_batch_size"])
+    group.add_argument("--per_device_eval_batch_size", type=int, default=d["per_device_eval_batch_size"])
+    group.add_argument("--learning_rate", type=float, default=d["learning_rate"], help="AdamW peak learning rate.")
+    group.add_argument("--min_learning_rate", type=float, default=d["min_learning_rate"], help="Cosine floor.")
+    group.add_argument("--weight_decay", type=float, default=d["weight_decay"])
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--num_train_epochs", type=int, default=d["num_train_epochs"])
+    group.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs when set.")
+    group.add_argument("--num_warmup_epochs", type=float, default=d["num_warmup_epochs"])
+    group.add_argument("--num_warmup_steps", type=int, default=None, help="Overrides --num_warmup_epochs when set.")
+    group.add_argument(
+        "--lr_scheduler_type", default="cosine_with_min_lr", choices=["cosine_with_min_lr", "cosine", "linear", "constant_with_warmup"]
+    )
+    group.add_argument("--max_grad_norm", type=float, default=None, help="Gradient clipping (off in the paper).")
+    group.add_argument("--drop_path_rate", type=float, default=d["drop_path_rate"])
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="Default: accelerate config.")
+    group.add_argument("--dataloader_num_workers", type=int, default=0)
+    group.add_argument(
+        "--channels_last", action="store_true", help="Run convolutions in NHWC memory format (faster on CPU)."
+    )
+    group.add_argument(
+        "--checkpointing_steps", type=str, default=None, help="Save a resumable state every N optimizer steps, or 'epoch'."
+    )
+    group.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the newest N checkpoints.")
+    group.add_argument(
+        "--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder, or 'latest' in output_dir."
+    )
+    group.add_argument("--with_tracking", action="store_true", help="Log metrics to the trackers of --report_to.")
+    group.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, ... or 'all'.")
+    group.add_argument("--reparameterize_on_save", action="store_true", help="Also write a folded inference copy.")
+    group.add_argument("--push_to_hub", action="store_true")
+    group.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: output_dir's name).")
+    group.add_argument("--hub_token", type=str, default=None)
+    group.add_argument("--hub_private_repo", action="store_true")
+
+
+def memory_format(args) -> torch.memory_format:
+    return torch.channels_last if args.channels_last else torch.contiguous_format
+
+
+def make_accelerator(args) -> Accelerator:
+    """An Accelerator whose shuffling depends only on (seed, epoch), so a resumed run sees the same batches."""
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.with_tracking else None,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "runs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def make_train_dataloader(dataset, args, **kwargs) -> DataLoader:
+    """A shuffling loader that never draws from torch's global generator (its own generator seeds the workers),
+    so the global random state that Accelerate checkpoints is consumed by training steps alone: exact resumes."""
+    return DataLoader(
+        dataset,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
+        **kwargs,
+    )
+
+
+def parse_checkpointing_steps(value: str | None) -> int | str | None:
+    if value is None or value == "epoch":
+        return value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise ValueError(f"--checkpointing_steps must be a positive integer or 'epoch', got {value!r}")
+
+
+def make_optimizer_and_scheduler(model, args, steps_per_epoch: int):
+    """AdamW without weight decay on biases, norms and attention biases; warm-up then the chosen schedule."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 or name.endswith("attention_bias") else decay).append(parameter)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+    )
+    total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    warmup = args.num_warmup_steps if args.num_warmup_steps is not None else round(args.num_warmup_epochs * steps_per_epoch)
+    extra = {"min_lr": args.min_learning_rate} if args.lr_scheduler_type == "cosine_with_min_lr" else None
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=min(warmup, total_steps), num_training_steps=total_steps,
+        scheduler_specific_kwargs=extra,
+    )  # fmt: skip
+    return optimizer, scheduler, total_steps
+
+
+class CheckpointManager:
+    """Resumable states in `output_dir/checkpoints/<name>`, written atomically (a crash mid-save leaves the
+    previous checkpoint as the latest), at most `total_limit` kept."""
+
+    STATE_FILE = "training_state.json"
+
+    def __init__(self, accelerator: Accelerator, output_dir: str, total_limit: int | None = 2):
+        self.accelerator = accelerator
+        self.folder = Path(output_dir) / "checkpoints"
+        self.total_limit = total_limit
+
+    def complete(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        done = [p for p in self.folder.iterdir() if (p / self.STATE_FILE).is_file() and not p.name.endswith(".tmp")]
+        return sorted(done, key=lambda p: json.loads((p / self.STATE_FILE).read_text())["completed_steps"])
+
+    def save(self, name: str, state: dict):
+        final, partial = self.folder / name, self.folder / f"{name}.tmp"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(partial))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            (partial / self.STATE_FILE).write_text(json.dumps(state))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            for old in self.complete()[: -self.total_limit] if self.total_limit else []:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def resolve(self, value: str) -> Path | None:
+        if value != "latest":
+            path = Path(value)
+            if not (path / self.STATE_FILE).is_file():
+                raise FileNotFoundError(f"{value} is not a complete cmsa_hf checkpoint (no {self.STATE_FILE})")
+            return path
+        complete = self.complete()
+        return complete[-1] if complete else None
+
+    def load(self, path: Path) -> dict:
+        self.accelerator.load_state(str(path))
+        return json.loads((path / self.STATE_FILE).read_text())
+
+
+def train_loop(
+    accelerator: Accelerator,
+    args,
+    model,
+    optimizer,
+    scheduler,
+    train_dataloader,
+    total_steps: int,
+    compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor],
+    on_epoch_start: Callable[[int], None] | None = None,
+    on_epoch_end: Callable[[int], dict] | None = None,
+) -> dict:
+    """Optimise until `total_steps` optimizer steps, checkpointing and resuming exactly.
+
+    `compute_loss(model, batch)` returns the loss of one batch; `on_epoch_start(epoch)` re-seeds per-epoch
+    augmentation; `on_epoch_end(epoch)` may evaluate and returns metrics to log. Returns training statistics.
+    """
+    checkpointing = parse_checkpointing_steps(args.checkpointing_steps)
+    checkpoints = CheckpointManager(accelerator, args.output_dir, args.checkpoints_total_limit)
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    completed_steps, start_epoch, resume_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = checkpoints.resolve(args.resume_from_checkpoint)
+        if path is not None:
+            state = checkpoints.load(path)
+            completed_steps, start_epoch, resume_batches = state["completed_steps"], state["epoch"], state["batches_in_epoch"]
+            accelerator.print(f"Resumed from {path} at step {completed_steps} (epoch {start_epoch}, batch {resume_batches})")
+        else:
+            accelerator.print("No checkpoint to resume from: starting from scratch")
+
+    if args.with_tracking:
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(Path(args.output_dir).name, config)
+
+    progress = tqdm(total=total_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
+    started, last_epoch_loss = time.perf_counter(), float("nan")
+    for epoch in range(start_epoch, num_epochs):
+        model.train()
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        skipped = resume_batches if epoch == start_epoch else 0
+        if skipped:
+            batches = accelerator.skip_first_batches(train_dataloader, skipped)
+        loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+        for batch_index, batch in enumerate(batches, start=skipped):
+            with accelerator.accumulate(model):
+                loss = compute_loss(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
+            if args.with_tracking:
+                accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=completed_steps)
+            if isinstance(checkpointing, int) and completed_steps % checkpointing == 0:
+                state = {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batch_index + 1}
+                checkpoints.save(f"step_{completed_steps}", state)
+            if completed_steps >= total_steps:
+                break
+        last_epoch_loss = accelerator.reduce(loss_sum, "mean").item() / max(loss_count, 1)
+        metrics = on_epoch_end(epoch) if on_epoch_end is not None else {}
+        accelerator.print(f"epoch {epoch}: train loss {last_epoch_loss:.4f} {metrics}")
+        if args.with_tracking:
+            accelerator.log({"train/epoch_loss": last_epoch_loss, **metrics, "epoch": epoch}, step=completed_steps)
+        if checkpointing == "epoch":
+            checkpoints.save(f"epoch_{epoch}", {"completed_steps": completed_steps, "epoch": epoch + 1, "batches_in_epoch": 0})
+        if completed_steps >= total_steps:
+            break
+    progress.close()
+    return {"train_loss": last_epoch_loss, "train_runtime": time.perf_counter() - started, "train_steps": completed_steps}

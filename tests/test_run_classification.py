@@ -1,0 +1,234 @@
+"""The Accelerate classification script, end to end on tiny data: exact resume after SIGKILL, two processes,
+the Hub-ready folder and its card, publishing (HfApi patched), bad data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, tiny_config
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors.torch import load_file
+
+from cmsa_hf import CMSAForImageClassification
+
+
+SCRIPT = REPO_ROOT / "examples" / "image-classification" / "run_classification.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import run_classification  # noqa: E402
+
+
+def make_image_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """An imagefolder layout: root/<class>/<n>.png, classes told apart by brightness."""
+    rng = np.random.default_rng(seed)
+    for index, (name, count) in enumerate(sorted(per_class.items())):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for n in range(count):
+            level = 60 + 120 * index + rng.integers(-20, 20)
+            pixels = np.clip(level + rng.integers(-30, 30, (12, 12, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{n}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_image_folder(root / "train", {"dark": 8, "bright": 8})
+    make_image_folder(root / "validation", {"dark": 4, "bright": 3}, seed=1)  # 7: odd on purpose
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_model")
+    torch.manual_seed(0)
+    CMSAForImageClassification(tiny_config(num_labels=2)).save_pretrained(folder)
+    return folder
+
+
+def script_args(data, tiny_model, output_dir, *extra):
+    return [
+        "--train_dir", str(data / "train"), "--validation_dir", str(data / "validation"),
+        "--model_name_or_path", str(tiny_model), "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2", "--learning_rate", "1e-3",
+        "--num_warmup_steps", "2", "--seed", "0", *extra,
+    ]  # fmt: skip
+
+
+def run_script(args, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, **kwargs)
+
+
+def test_kill_and_resume_gives_the_same_weights(data, tiny_model, tmp_path):
+    common = ["--max_train_steps", "12", "--checkpointing_steps", "1", "--checkpoints_total_limit", "3"]
+    reference = run_script(script_args(data, tiny_model, tmp_path / "uninterrupted", *common), timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *script_args(data, tiny_model, killed_dir, *common)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not (killed_dir / "checkpoints" / "step_3").is_dir():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (killed_dir / "model.safetensors").exists(), "the run had already finished"
+
+    resumed = run_script(script_args(data, tiny_model, killed_dir, *common, "--resume_from_checkpoint", "latest"), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout
+    expected = load_file(tmp_path / "uninterrupted" / "model.safetensors")
+    actual = load_file(killed_dir / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+    assert len(list((killed_dir / "checkpoints").iterdir())) <= 3
+
+
+def test_two_processes_count_every_eval_sample_once(data, tiny_model, tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+        *script_args(data, tiny_model, tmp_path, "--max_train_steps", "2"),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "all_results.json").read_text())
+    assert results["eval_samples"] == 7
+    assert (tmp_path / "model.safetensors").exists()
+
+
+def test_hub_ready_folder_and_card(data, tiny_model, tmp_path):
+    results = run_classification.main(
+        script_args(data, tiny_model, tmp_path, "--max_train_steps", "2", "--reparameterize_on_save")
+    )
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "all_results.json"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "reparameterized" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "reparameterized" / "config.json").read_text())["reparameterized"] is True
+    measured = json.loads((tmp_path / "all_results.json").read_text())
+    assert measured == json.loads(json.dumps(results))
+
+    card = ModelCard.load(tmp_path / "README.md")
+    metadata = card.data.to_dict()
+    assert metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "image-classification"
+    assert metadata["datasets"] and metadata["metrics"] == ["accuracy"]
+    assert {"cmsa", "low-resolution"} <= set(metadata["tags"])
+    entry = metadata["model-index"][0]["results"][0]
+    assert entry["metrics"][0]["value"] == measured["eval_accuracy"]
+    assert f"| top-1 accuracy | {measured['eval_accuracy']} |" in card.text
+    assert "learning rate" in card.text and "trust_remote_code=True" in card.text
+
+
+def test_push_to_hub_uploads_the_folder(data, tiny_model, tmp_path):
+    uploaded = {}
+
+    def fake_upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        uploaded.update(kwargs, files=sorted(p.name for p in folder.iterdir()))
+
+    with (
+        mock.patch("huggingface_hub.HfApi.create_repo", return_value="https://huggingface.co/me/tiny") as create_repo,
+        mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload_folder),
+    ):
+        run_classification.main(
+            script_args(
+                data, tiny_model, tmp_path, "--max_train_steps", "1", "--checkpointing_steps", "1",
+                "--push_to_hub", "--hub_model_id", "me/tiny", "--hub_private_repo",
+            )
+        )  # fmt: skip
+    create_repo.assert_called_once()
+    assert create_repo.call_args.args[0] == "me/tiny" and create_repo.call_args.kwargs["private"] is True
+    assert uploaded["repo_id"] == "me/tiny" and Path(uploaded["folder_path"]) == tmp_path
+    assert {"model.safetensors", "config.json", "README.md", "all_results.json"} <= set(uploaded["files"])
+    assert "checkpoints/**" in uploaded["ignore_patterns"]
+
+
+def test_digits_loads_offline():
+    splits, _ = run_classification.load_and_prepare(
+        run_classification.parse_args(["--dataset_name", "digits", "--output_dir", "x"])
+    )
+    assert len(splits["train"]) + len(splits["validation"]) == 1797
+    assert splits["train"].features["label"].names[:3] == ["0", "1", "2"]
+
+
+def test_zip_archives_load(data, tmp_path):
+    import shutil
+
+    archive = shutil.make_archive(str(tmp_path / "train"), "zip", data / "train")
+    args = run_classification.parse_args(["--train_dir", archive, "--output_dir", str(tmp_path / "out")])
+    splits, names = run_classification.load_and_prepare(args)
+    assert names == ["bright", "dark"]
+    assert len(splits["train"]) + len(splits["validation"]) == 16  # validation carved from train
+
+
+# --------------------------------------------------------------------------------------------- bad data
+
+
+def _prepare(data_root, *extra):
+    args = run_classification.parse_args(
+        ["--train_dir", str(data_root / "train"), "--validation_dir", str(data_root / "validation"), "--output_dir", "x", *extra]
+    )
+    return run_classification.load_and_prepare(args)
+
+
+def test_corrupt_image_names_its_row(data, tmp_path):
+    import shutil
+
+    shutil.copytree(data, tmp_path / "d")
+    (tmp_path / "d" / "validation" / "dark" / "1.png").write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match=r"Split 'validation', row \d+: the image cannot be decoded \(1 unreadable"):
+        _prepare(tmp_path / "d")
+    splits, _ = _prepare(tmp_path / "d", "--skip_corrupt_images")
+    assert len(splits["validation"]) == 6
+
+
+def test_missing_column_lists_the_available_ones(data):
+    with pytest.raises(ValueError, match=r"no column 'category'; available columns: image, label"):
+        _prepare(data, "--label_column_name", "category")
+
+
+def test_label_outside_num_labels_names_the_row():
+    import datasets
+
+    from cmsa_hf.data.validation import check_labels
+
+    dataset = datasets.Dataset.from_dict({"label": [0, 1, 5, 1]})
+    with pytest.raises(ValueError, match=r"Split 'train', row 2: label 5 is outside \[0, 2\)"):
+        check_labels(dataset, "label", 2, "train")
+
+
+def test_empty_split_is_named(data):
+    with pytest.raises(ValueError, match="Split 'validation' is empty"):
+        _prepare(data, "--max_eval_samples", "0")
+
+
+def test_trainer_fine_tuning_script(data, tiny_model, tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import run_trainer
+
+    metrics = run_trainer.main([
+        "--model_name_or_path", str(tiny_model), "--train_dir", str(data / "train"),
+        "--validation_dir", str(data / "validation"), "--output_dir", str(tmp_path), "--max_steps", "3",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--learning_rate", "1e-3",
+        "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--use_cpu",
+    ])  # fmt: skip
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["train_runtime"] > 0
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "preprocessor_config.json").is_file()
+    reloaded = CMSAForImageClassification.from_pretrained(tmp_path)
+    assert reloaded.config.id2label == {0: "bright", 1: "dark"}
