@@ -9,15 +9,18 @@ import copy
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cmsa_hf import CMSAConfig, CMSAForImageClassification, CMSAModel
+from cmsa_hf import CMSAConfig, CMSAForHeadPoseEstimation, CMSAForImageClassification, CMSAForKeypointDetection, CMSAModel
 
 
 # (model class, config overrides, paper's parameter counts in millions for S / B / L, what the paper reports)
 ROWS = [
     (CMSAForImageClassification, {"image_size": (32, 32), "num_labels": 100}, (4.2, 5.7, 7.4), "Table 4, CIFAR-100"),
     (CMSAModel, {"image_size": (32, 24)}, (4.0, 5.4, 7.1), "Table 3, head pose"),
+    (CMSAForKeypointDetection, {"image_size": (32, 24)}, (4.1, 5.6, 7.3), "Table 2, COCO pose"),
+    (CMSAForHeadPoseEstimation, {"image_size": (32, 32)}, (4.0, 5.4, 7.1), "Table 3, AFLW2000, binned head"),
 ]
 VARIANTS = ["cmsa-s", "cmsa-b", "cmsa-l"]
+POSE_SIZES = [(32, 24), (64, 48), (128, 96)]
 
 
 def count_flops(model: torch.nn.Module, image_size) -> int:
@@ -54,6 +57,17 @@ def main():
         train_time = count_flops(model, size)
         folded = count_flops(model.reparameterize(), size)
         print(f"| {variant} | {train_time / 1e9:.3f} | {folded / 1e9:.3f} | {folded / 2e9:.3f} |")
+
+    print("\nCMSAForKeypointDetection at the pose resolutions, reparameterized, one crop: GFLOPs (heatmap size)")
+    print("| variant | " + " | ".join("x".join(map(str, size)) for size in POSE_SIZES) + " |")
+    print("|---|" + "---|" * len(POSE_SIZES))
+    for variant in VARIANTS:
+        cells = []
+        for size in POSE_SIZES:
+            config = CMSAConfig.from_variant(variant, image_size=size)
+            flops = count_flops(CMSAForKeypointDetection(config).eval().reparameterize(), size)
+            cells.append(f"{flops / 1e9:.3f} ({size[0] // config.stem_stride}x{size[1] // config.stem_stride})")
+        print(f"| {variant} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

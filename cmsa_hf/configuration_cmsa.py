@@ -16,11 +16,27 @@ _COMMON = {
 }
 VARIANTS = {
     "cmsa-s": {"hidden_sizes": [96, 160, 224], "num_heads": [[2, 2, 1], [3, 3], [4, 4]], **_COMMON},
-    # Table 1 prints stage-2 heads [3, 3] for B, but only [3, 4] (one version of the released code)
-    # reproduces the paper's 5.6M (pose) and 5.4M (head pose) parameter counts.
     "cmsa-b": {"hidden_sizes": [128, 192, 256], "num_heads": [[1, 2, 1], [3, 4], [4, 5]], **_COMMON},
     "cmsa-l": {"hidden_sizes": [128, 256, 320], "num_heads": [[1, 2, 1], [3, 3], [4, 4]], **_COMMON},
 }
+
+
+# The inputs above which `from_variant` gives the stem stride 2 (the network then works at half the input size).
+FULL_RESOLUTION_MAX_SIDE = 64
+
+HEAD_POSE_HEADS = ("binned", "ssr")
+
+# COCO person keypoints: names, left/right pairs swapped by a horizontal flip, skeleton edges (0-based).
+COCO_KEYPOINT_NAMES = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
+    "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
+    "right_ankle",
+)  # fmt: skip
+COCO_FLIP_PAIRS = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
+COCO_SKELETON = (
+    (15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8), (7, 9), (8, 10),
+    (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6),
+)  # fmt: skip
 
 
 def _pair(value) -> tuple[int, int]:
@@ -74,6 +90,20 @@ class CMSAConfig(PreTrainedConfig):
             fraction of the concatenated stage channels (sum C / 2 in the authors' code).
         classifier_dropout (`float`, defaults to 0.0): Dropout before the classification layer.
         initializer_range (`float`, defaults to 0.02): Std of the truncated normal init of linear layers.
+        keypoint_names (`list[str]`, defaults to COCO's 17): Keypoints predicted by `CMSAForKeypointDetection`,
+            one heatmap each, in this order.
+        flip_pairs (`list[list[int]]`, defaults to COCO's): Keypoint index pairs that a horizontal flip swaps.
+        skeleton (`list[list[int]]`, defaults to COCO's): Keypoint index pairs joined when drawing a pose.
+        heatmap_init_scale (`float`, defaults to 0.01): Initial scale (BatchNorm weight) of the heatmaps of
+            `CMSAForKeypointDetection`, so that they start near zero like the Gaussian targets' background.
+        head_pose_head (`str`, defaults to `"binned"`): Head of `CMSAForHeadPoseEstimation`: `"binned"` (the Hopenet
+            form: per angle, logits over bins from the pooled last stage) or `"ssr"` (FSA-Net's soft stage-wise
+            regression over the three pooled stages, a few thousand weights).
+        head_pose_bins (`int`, defaults to 66) and head_pose_bin_width (`float`, defaults to 3.0): The angle bins
+            of the binned head, centred on 0 (66 x 3 degrees cover [-99, 99]).
+        head_pose_regression_weight (`float`, defaults to 2.0): alpha in the binned loss CE + alpha * MSE of the
+            expected angle (the authors' script used 2).
+        ssr_stage_bins (`list[int]`, defaults to `[3, 3, 3]`): Bins per stage of the SSR head.
         reparameterized (`bool`, defaults to `False`): Whether the multi-branch convolutions and the conv + BN
             pairs are folded into single convolutions (inference form, see `CMSAPreTrainedModel.reparameterize`).
     """
@@ -100,6 +130,15 @@ class CMSAConfig(PreTrainedConfig):
     classifier_dropout: float = 0.0
     initializer_range: float = 0.02
     reparameterized: bool = False
+    heatmap_init_scale: float = 0.01
+    head_pose_head: str = "binned"
+    head_pose_bins: int = 66
+    head_pose_bin_width: float = 3.0
+    head_pose_regression_weight: float = 2.0
+    ssr_stage_bins: list | tuple = (3, 3, 3)
+    keypoint_names: list | tuple = COCO_KEYPOINT_NAMES
+    flip_pairs: list | tuple = COCO_FLIP_PAIRS
+    skeleton: list | tuple = COCO_SKELETON
 
     def __post_init__(self, **kwargs):
         self.image_size = list(_pair(self.image_size))
@@ -108,16 +147,34 @@ class CMSAConfig(PreTrainedConfig):
         self.num_heads = [[int(h) for h in stage] for stage in self.num_heads]
         self.window_splits = [[int(s) for s in stage] for stage in self.window_splits]
         self.kv_pool_ratios = [[int(r) for r in stage] for stage in self.kv_pool_ratios]
+        self.ssr_stage_bins = [int(b) for b in self.ssr_stage_bins]
+        self.keypoint_names = [str(name) for name in self.keypoint_names]
+        self.flip_pairs = [[int(i) for i in pair] for pair in self.flip_pairs]
+        self.skeleton = [[int(i) for i in edge] for edge in self.skeleton]
         self._validate_architecture()
+        self._validate_keypoints()
+        self._validate_head_pose()
         super().__post_init__(**kwargs)
 
     @classmethod
     def from_variant(cls, name: str, **overrides) -> "CMSAConfig":
-        """Build a paper preset (`"cmsa-s"`, `"cmsa-b"`, `"cmsa-l"`), any field overridable."""
+        """Build a paper preset (`"cmsa-s"`, `"cmsa-b"`, `"cmsa-l"`, Table 1), any field overridable.
+
+        CMSA-B uses stage-2 heads [3, 4]: Table 1 prints [3, 3], but only [3, 4] (one version of the authors'
+        released code) reproduces the paper's 5.6M (pose) and 5.4M (head pose) parameter counts.
+
+        The authors released 32x24 configurations only. Windows are relative to the stage maps, so 64x48 runs at
+        full resolution with every window twice as large (heatmaps 64x48), which matches the paper's FLOPs. For
+        inputs whose shorter side exceeds 64 pixels (such as 128x96) the stem gets stride 2 unless `stem_stride`
+        is given: the network works at 64x48 internally, as the paper's 128x96 FLOPs imply.
+        """
         key = name.lower()
         if key not in VARIANTS:
             raise ValueError(f"Unknown CMSA variant {name!r}; known variants: {', '.join(VARIANTS)}")
-        return cls(**{**VARIANTS[key], **overrides})
+        fields = {**VARIANTS[key], **overrides}
+        if "stem_stride" not in overrides and min(_pair(fields.get("image_size", (32, 24)))) > FULL_RESOLUTION_MAX_SIDE:
+            fields["stem_stride"] = 2
+        return cls(**fields)
 
     @property
     def variant(self) -> str | None:
@@ -130,6 +187,10 @@ class CMSAConfig(PreTrainedConfig):
     @property
     def num_stages(self) -> int:
         return len(self.hidden_sizes)
+
+    @property
+    def num_keypoints(self) -> int:
+        return len(self.keypoint_names)
 
     @property
     def value_dim(self) -> int:
@@ -183,5 +244,17 @@ class CMSAConfig(PreTrainedConfig):
                         f"of group {group} in stage {stage + 1} at image_size {tuple(self.image_size)}"
                     )
 
+    def _validate_head_pose(self):
+        if self.head_pose_head not in HEAD_POSE_HEADS:
+            raise ValueError(f"head_pose_head must be one of {HEAD_POSE_HEADS}, got {self.head_pose_head!r}")
+        if len(self.ssr_stage_bins) != self.num_stages:
+            raise ValueError(f"ssr_stage_bins needs one entry per stage ({self.num_stages}), got {self.ssr_stage_bins}")
 
-__all__ = ["CMSAConfig", "VARIANTS"]
+    def _validate_keypoints(self):
+        for name in ("flip_pairs", "skeleton"):
+            for pair in getattr(self, name):
+                if len(pair) != 2 or not all(0 <= i < self.num_keypoints for i in pair):
+                    raise ValueError(f"{name} entry {pair} must be two keypoint indices in [0, {self.num_keypoints})")
+
+
+__all__ = ["CMSAConfig", "VARIANTS", "COCO_KEYPOINT_NAMES", "COCO_FLIP_PAIRS", "COCO_SKELETON"]

@@ -44,60 +44,129 @@ def _template(name: str) -> str:
     return str(path)
 
 
-def image_classification_card(
+def image_classification_card(model, results: dict, *, eval_split_description: str, **run) -> ModelCard:
+    """The card of a trained classifier; every number comes from `results` (all_results.json) or the model.
+    `run`: dataset_name, dataset_description, hyperparameters, repo_id, base_model, has_reparameterized."""
+    config = model.config
+    return _task_card(
+        "image_classification.md",
+        model,
+        results,
+        task="image-classification",
+        tags=["image-classification"],
+        metric_id="accuracy",
+        metrics={"accuracy": ("accuracy", "top-1 accuracy")},
+        num_labels=config.num_labels,
+        label_names=", ".join(config.id2label[i] for i in range(config.num_labels)),
+        eval_split_description=eval_split_description,
+        train_samples=results["train_samples"],
+        eval_samples=results["eval_samples"],
+        **run,
+    )
+
+
+COCO_METRIC_NAMES = {"AP": "OKS AP", "AP50": "OKS AP50", "AP75": "OKS AP75", "APm": "OKS AP (medium)", "APl": "OKS AP (large)", "AR": "OKS AR"}
+
+
+def keypoint_detection_card(model, results: dict, *, eval_description: str, **run) -> ModelCard:
+    """The card of a trained top-down pose model; the COCO metrics come from `results` (all_results.json)."""
+    config = model.config
+    return _task_card(
+        "keypoint_detection.md",
+        model,
+        results,
+        task="keypoint-detection",
+        tags=["keypoint-detection", "human-pose-estimation"],
+        metric_id="oks-ap",
+        metrics={name: (f"oks-{name.lower()}", title) for name, title in COCO_METRIC_NAMES.items()},
+        num_keypoints=config.num_keypoints,
+        keypoint_names=", ".join(config.keypoint_names),
+        heatmap_height=config.image_size[0] // config.stem_stride,
+        heatmap_width=config.image_size[1] // config.stem_stride,
+        eval_description=eval_description,
+        metric_names=COCO_METRIC_NAMES,
+        **run,
+    )
+
+
+HEAD_POSE_METRIC_NAMES = {"mae": "MAE (mean of yaw, pitch, roll)", "mae_yaw": "yaw MAE", "mae_pitch": "pitch MAE", "mae_roll": "roll MAE"}
+
+
+def head_pose_card(model, results: dict, *, eval_description: str, **run) -> ModelCard:
+    """The card of a trained head-pose model; the MAE values (degrees) come from `results` (all_results.json)."""
+    config = model.config
+    return _task_card(
+        "head_pose.md",
+        model,
+        results,
+        task="head-pose-estimation",
+        tags=["head-pose-estimation"],
+        metric_id="mae",
+        metrics={name: (name, title) for name, title in HEAD_POSE_METRIC_NAMES.items()},
+        pipeline_tag=None,  # not a Hub pipeline tag
+        head=config.head_pose_head,
+        bins=config.head_pose_bins,
+        bin_width=config.head_pose_bin_width,
+        regression_weight=config.head_pose_regression_weight,
+        eval_description=eval_description,
+        metric_names=HEAD_POSE_METRIC_NAMES,
+        **run,
+    )
+
+
+def _task_card(
+    template: str,
     model,
     results: dict,
     *,
+    task: str,
+    tags: list[str],
+    metric_id: str,
+    metrics: dict[str, tuple[str, str]],
     dataset_name: str,
-    dataset_description: str,
-    eval_split_description: str,
-    hyperparameters: dict,
     repo_id: str,
     base_model: str | None = None,
-    has_reparameterized: bool = False,
+    eval_split: str = "validation",
+    pipeline_tag: str | None = "",
+    **fields,
 ) -> ModelCard:
-    """The card of a trained classifier; every number comes from `results` (all_results.json) or the model."""
-    config = model.config
+    """Card metadata (the headline metric `metric_id`; model-index entries `metrics`: result key -> (metric type,
+    name), values `results["eval_" + key]`, measured on the `eval_split` of `dataset_name`) and the template filled with what every card shows (name, variant, size, cost) plus `fields`."""
     card_data = ModelCardData(
         library_name="transformers",
-        pipeline_tag="image-classification",
+        pipeline_tag=task if pipeline_tag == "" else pipeline_tag,
         license="apache-2.0",
-        tags=["cmsa", "low-resolution", "image-classification", "vision"],
+        tags=["cmsa", "low-resolution", *tags, "vision"],
         datasets=[dataset_name],
-        metrics=["accuracy"],
+        metrics=[metric_id],
         base_model=base_model,
         model_name=repo_id.split("/")[-1],
         eval_results=[
             EvalResult(
-                task_type="image-classification",
+                task_type=task,
                 dataset_type=dataset_name,
                 dataset_name=dataset_name,
-                dataset_split="validation",
-                metric_type="accuracy",
-                metric_name="top-1 accuracy",
-                metric_value=results["eval_accuracy"],
+                dataset_split=eval_split,
+                metric_type=metric_type,
+                metric_name=metric_name,
+                metric_value=results[f"eval_{key}"],
             )
+            for key, (metric_type, metric_name) in metrics.items()
         ],
     )
+    config = model.config
     height, width = config.image_size
     return ModelCard.from_template(
         card_data,
-        template_path=_template("image_classification.md"),
+        template_path=_template(template),
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
         variant=config.variant.upper() if config.variant else "custom CMSA",
         image_height=height,
         image_width=width,
-        num_labels=config.num_labels,
-        label_names=", ".join(config.id2label[i] for i in range(config.num_labels)),
-        dataset_description=dataset_description,
-        eval_split_description=eval_split_description,
-        train_samples=results["train_samples"],
-        eval_samples=results["eval_samples"],
         initialisation=f"the checkpoint `{base_model}`" if base_model else "scratch (random initialisation)",
-        hyperparameters=hyperparameters,
         results=results,
-        has_reparameterized=has_reparameterized,
+        **fields,
         **model_facts(model),
     )
 
@@ -110,9 +179,16 @@ def write_hub_folder(output_dir, model, processor, results: dict, card: ModelCar
     (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
     card.save(output_dir / "README.md")
     if reparameterize:
-        folded_dir = output_dir / REPARAMETERIZED_SUBFOLDER
-        copy.deepcopy(model).reparameterize().save_pretrained(folded_dir)
-        processor.save_pretrained(folded_dir)
+        save_reparameterized_copy(model, processor, output_dir)
+
+
+def save_reparameterized_copy(model, processor, output_dir) -> Path:
+    """Save the folded inference form of `model` (a copy; the model stays trainable) and the processor into
+    `output_dir/reparameterized`."""
+    folded_dir = Path(output_dir) / REPARAMETERIZED_SUBFOLDER
+    copy.deepcopy(model).eval().reparameterize().save_pretrained(folded_dir)
+    processor.save_pretrained(folded_dir)
+    return folded_dir
 
 
 def push_folder_to_hub(

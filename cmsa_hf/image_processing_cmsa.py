@@ -1,17 +1,82 @@
-"""Image processor for CMSA: whole images resized to the model's low input resolution (PIL / NumPy backend)."""
+"""Image processor for CMSA (PIL / NumPy backend): whole images resized to the model's low input resolution, or
+boxes (persons, faces) cropped with an affine transform; decoding of the pose heatmaps back to image coordinates.
 
+Crop geometry uses continuous coordinates with pixel i spanning [i, i + 1], the convention of PIL's transforms.
+"""
+
+import numpy as np
+import torch
+from PIL import Image
 from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_transforms import convert_to_rgb, to_pil_image
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
-from transformers.processing_utils import ImagesKwargs, Unpack
+
+from .codecs import DECODERS, HeatmapCodec, euler_to_rotation_matrix
+
+
+def box_to_center_and_size(box, aspect_ratio: float, padding: float = 1.25) -> tuple[np.ndarray, np.ndarray]:
+    """COCO box (x, y, width, height) -> centre and (width, height) of the crop region: the box grown to the
+    model's aspect ratio (width / height), then padded (x1.25 in the HRNet protocol)."""
+    x, y, width, height = (float(v) for v in box)
+    centre = np.array([x + width / 2, y + height / 2])
+    if width > aspect_ratio * height:
+        height = width / aspect_ratio
+    else:
+        width = height * aspect_ratio
+    return centre, np.array([width, height]) * padding
+
+
+def crop_matrix(centre, size, output_size, rotation: float = 0.0) -> np.ndarray:
+    """3x3 affine matrix from image to crop coordinates: the region of `size` (width, height) around `centre`,
+    rotated by `rotation` degrees, fills an output of `output_size` (height, width)."""
+    out_height, out_width = output_size
+    angle = np.deg2rad(rotation)
+    cos, sin = np.cos(angle), np.sin(angle)
+    to_origin = np.array([[1, 0, -centre[0]], [0, 1, -centre[1]], [0, 0, 1]])
+    rotate = np.array([[cos, sin, 0], [-sin, cos, 0], [0, 0, 1]])
+    scale = np.diag([out_width / size[0], out_height / size[1], 1.0])
+    to_output = np.array([[1, 0, out_width / 2], [0, 1, out_height / 2], [0, 0, 1]])
+    return to_output @ scale @ rotate @ to_origin
+
+
+def transform_points(points, matrix) -> np.ndarray:
+    """Apply a 3x3 affine matrix to (..., 2) points."""
+    points = np.asarray(points, dtype=np.float64)
+    return points @ matrix[:2, :2].T + matrix[:2, 2]
+
+
+def warp_image(image: Image.Image, matrix, output_size) -> np.ndarray:
+    """The crop of an RGB image under `crop_matrix` (bilinear; outside the image is black): (H, W, 3) uint8."""
+    out_height, out_width = output_size
+    inverse = np.linalg.inv(matrix)
+    crop = image.transform((out_width, out_height), Image.AFFINE, data=tuple(inverse[:2].ravel()), resample=Image.BILINEAR)
+    return np.asarray(crop)
+
+
+def to_rgb_image(image) -> Image.Image:
+    """PIL image, (H, W, C) / (C, H, W) array or tensor -> RGB PIL image (alpha composited on white)."""
+    if not isinstance(image, Image.Image):
+        array = image.numpy() if hasattr(image, "numpy") else np.asarray(image)
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = np.moveaxis(array, 0, -1)
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        image = to_pil_image(array)
+    return Image.fromarray(convert_to_rgb(image, return_numpy=True))
 
 
 class CMSAImageProcessor(PilBackend):
     r"""
-    Resize to `size` (bilinear by default), rescale to [0, 1] and normalize with the ImageNet mean / std.
+    Without boxes: resize each image to `size` (bilinear by default). With boxes (COCO `[x, y, width, height]`
+    per image): crop each box with an affine transform that keeps the model's aspect ratio and pads the box by
+    `box_padding` (x1.25 for persons, as in the HRNet protocol). Then rescale to [0, 1] and normalize (ImageNet
+    mean / std). Takes PIL images, NumPy arrays and torch tensors (HWC or CHW), one or a list; grayscale, RGBA
+    (composited on white) and palette images become RGB. Returns `pixel_values` (images or boxes, 3, H, W).
 
-    Takes PIL images, NumPy arrays and torch tensors (HWC or CHW), one or a list; grayscale, RGBA (composited on
-    white) and palette images are converted to RGB. Returns `pixel_values` of shape (batch, 3, height, width).
-    Build one for a model with `CMSAImageProcessor.for_config(model.config)`.
+    `post_process_keypoint_detection` decodes pose heatmaps (`decoder` "dark" or "quarter", Gaussian
+    `heatmap_sigma` of the training targets) back to image coordinates. Build a processor for a model with
+    `CMSAImageProcessor.for_config(model.config)`.
     """
 
     resample = PILImageResampling.BILINEAR
@@ -26,14 +91,138 @@ class CMSAImageProcessor(PilBackend):
     do_convert_rgb = True
     model_input_names = ["pixel_values"]
 
-    def __init__(self, **kwargs: Unpack[ImagesKwargs]):
+    def __init__(
+        self,
+        box_padding: float = 1.25,
+        heatmap_sigma: float | None = None,
+        decoder: str = "dark",
+        keypoint_names: list[str] | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        self.box_padding, self.heatmap_sigma, self.decoder = box_padding, heatmap_sigma, decoder
+        self.keypoint_names = list(keypoint_names) if keypoint_names is not None else None
 
     @classmethod
     def for_config(cls, config, **kwargs) -> "CMSAImageProcessor":
-        """A processor whose output size is the model's `config.image_size`."""
+        """A processor whose output size is the model's `config.image_size`; pose models also pass
+        `keypoint_names=config.keypoint_names`."""
         height, width = config.image_size
         return cls(size={"height": height, "width": width}, **kwargs)
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return (self.size.height, self.size.width)
 
-__all__ = ["CMSAImageProcessor"]
+    # -------------------------------------------------------------------------------------------- box crops
+
+    def crop_matrices(self, image_sizes, boxes) -> list[list[np.ndarray]]:
+        """Check the boxes of every image ((width, height) per image) and return their crop matrices.
+
+        A box partly outside its image is cropped with black padding; a box entirely outside, of zero size, or a
+        box list that does not match the images is an error.
+        """
+        if len(boxes) != len(image_sizes):
+            raise ValueError(f"boxes has {len(boxes)} entries for {len(image_sizes)} images: give one list of boxes per image")
+        matrices = []
+        for index, ((width, height), image_boxes) in enumerate(zip(image_sizes, boxes)):
+            per_image = []
+            for box_index, box in enumerate(image_boxes):
+                if len(box) != 4:
+                    raise ValueError(f"image {index}, box {box_index}: expected [x, y, width, height], got {list(box)}")
+                x, y, box_w, box_h = (float(v) for v in box)
+                if not (box_w > 0 and box_h > 0):
+                    raise ValueError(f"image {index}, box {box_index}: zero or negative size in {list(box)}")
+                if x >= width or y >= height or x + box_w <= 0 or y + box_h <= 0:
+                    raise ValueError(f"image {index}, box {box_index}: {list(box)} lies outside the {width}x{height} image")
+                centre, size = box_to_center_and_size(box, self.size.width / self.size.height, self.box_padding)
+                per_image.append(crop_matrix(centre, size, self.input_size))
+            matrices.append(per_image)
+        return matrices
+
+    def normalize_crop(self, crop: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 crop -> (3, H, W) float32, rescaled and normalized."""
+        mean = np.asarray(self.image_mean, dtype=np.float32)
+        std = np.asarray(self.image_std, dtype=np.float32)
+        return ((crop * np.float32(self.rescale_factor) - mean) / std).transpose(2, 0, 1).astype(np.float32)
+
+    def preprocess(self, images, boxes=None, return_tensors=None, **kwargs) -> BatchFeature:
+        """images: one image or a list. boxes (optional): per image a list of `[x, y, width, height]`; for one
+        image, its list of boxes. With boxes, `pixel_values` holds one crop per box, in image order."""
+        if boxes is None:
+            return super().preprocess(images, return_tensors=return_tensors, **kwargs)
+        if not isinstance(images, (list, tuple)):
+            images, boxes = [images], [boxes]
+        images = [to_rgb_image(image) for image in images]
+        matrices = self.crop_matrices([image.size for image in images], boxes)
+        crops = [
+            self.normalize_crop(warp_image(image, matrix, self.input_size))
+            for image, image_matrices in zip(images, matrices)
+            for matrix in image_matrices
+        ]
+        pixel_values = np.stack(crops) if crops else np.zeros((0, 3, *self.input_size), np.float32)
+        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+    # -------------------------------------------------------------------------------------------- pose
+
+    def heatmap_codec(self, heatmap_size) -> HeatmapCodec:
+        """The codec between this processor's crops and heatmaps of `heatmap_size` (height, width): training
+        targets and decoding share it, so they share the Gaussian sigma."""
+        return HeatmapCodec(self.input_size, heatmap_size, self.heatmap_sigma, self.decoder)
+
+    def post_process_keypoint_detection(self, outputs, boxes, image_sizes=None) -> list[list[dict]]:
+        """Decode heatmaps (`outputs.heatmaps`, boxes in the order of `preprocess`) to image coordinates.
+
+        Returns per image a list of per box dicts: `keypoints` (K, 2) (x, y), `scores` (K,) (heatmap maxima),
+        `labels` (keypoint names), `bbox`. `image_sizes` ((width, height) per image) checks the boxes again.
+        """
+        heatmaps = outputs.heatmaps if hasattr(outputs, "heatmaps") else outputs
+        if any(len(image_boxes) and np.ndim(image_boxes) != 2 for image_boxes in boxes):
+            raise ValueError("boxes must hold one list of [x, y, width, height] boxes per image, e.g. [[box1, box2]]")
+        total = sum(len(image_boxes) for image_boxes in boxes)
+        if heatmaps.shape[0] != total:
+            raise ValueError(f"{heatmaps.shape[0]} heatmaps were given for {total} boxes")
+        coordinates, scores = self.heatmap_codec(heatmaps.shape[-2:]).decode(heatmaps.detach().float().cpu())
+        return self.crop_keypoints_to_image(coordinates, scores, boxes, image_sizes)
+
+    def crop_keypoints_to_image(self, coordinates, scores, boxes, image_sizes=None) -> list[list[dict]]:
+        """Keypoints decoded in crop pixels ((total boxes, K, 2), `HeatmapCodec.decode`) -> per image, per box
+        dicts in image coordinates (see `post_process_keypoint_detection`)."""
+        sizes = image_sizes or [(float("inf"), float("inf"))] * len(boxes)
+        names = self.keypoint_names or [str(i) for i in range(coordinates.shape[1])]
+        results, cursor = [], 0
+        for image_boxes, image_matrices in zip(boxes, self.crop_matrices(sizes, boxes)):
+            per_image = []
+            for box, matrix in zip(image_boxes, image_matrices):
+                keypoints = transform_points(np.asarray(coordinates[cursor]), np.linalg.inv(matrix))
+                per_image.append(
+                    {"keypoints": torch.from_numpy(keypoints).float(), "scores": torch.as_tensor(scores[cursor]), "labels": names, "bbox": list(box)}
+                )
+                cursor += 1
+            results.append(per_image)
+        return results
+
+    # -------------------------------------------------------------------------------------------- head pose
+
+    def post_process_head_pose(self, outputs, return_rotation_matrix: bool = False) -> list[dict]:
+        """`outputs.angles` (faces, 3) -> per face `{"yaw", "pitch", "roll"}` in degrees (the 300W-LP convention of
+        `cmsa_hf.codecs`), plus `rotation_matrix` (3x3 list) when asked."""
+        angles = outputs.angles if hasattr(outputs, "angles") else outputs
+        angles = torch.as_tensor(angles).detach().float().cpu()
+        if angles.ndim != 2 or angles.shape[1] != 3:
+            raise ValueError(f"expected angles of shape (faces, 3), got {tuple(angles.shape)}")
+        poses = []
+        for yaw, pitch, roll in angles.tolist():
+            pose = {"yaw": yaw, "pitch": pitch, "roll": roll}
+            if return_rotation_matrix:
+                pose["rotation_matrix"] = euler_to_rotation_matrix(yaw, pitch, roll).tolist()
+            poses.append(pose)
+        return poses
+
+
+# The same processor, under the name used for pose in the docs.
+CMSAKeypointImageProcessor = CMSAImageProcessor
+
+__all__ = ["CMSAImageProcessor", "CMSAKeypointImageProcessor"]

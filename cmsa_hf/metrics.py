@@ -1,5 +1,6 @@
-"""Evaluation metrics as pure functions."""
+"""Evaluation metrics as pure functions (COCO OKS AP through pycocotools)."""
 
+import numpy as np
 import torch
 
 
@@ -10,3 +11,113 @@ def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> fl
     k = min(k, logits.shape[-1])
     top = logits.topk(k, dim=-1).indices
     return (top == labels.unsqueeze(-1)).any(dim=-1).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------- human pose
+
+COCO_KEYPOINT_STATS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+
+
+def coco_keypoint_ap(annotation_file, results: list[dict], results_file, image_ids=None) -> dict:
+    """COCO OKS AP / AR of keypoint `results` with pycocotools' COCOeval.
+
+    `results` are COCO results entries (`image_id`, `category_id`, `keypoints` [x, y, score] * K, `score`); they
+    are written to `results_file` first, and the evaluation reads that file, as the official protocol does. The
+    evaluation covers `image_ids` (default: every image of the annotation file, so that persons in images without
+    a result count as missed).
+    """
+    import contextlib
+    import io
+    import json
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not results:
+        raise ValueError("No keypoint results to evaluate")
+    with open(results_file, "w") as handle:
+        json.dump(results, handle)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth = COCO(str(annotation_file))
+        evaluation = COCOeval(ground_truth, ground_truth.loadRes(str(results_file)), "keypoints")
+        evaluation.params.imgIds = sorted(image_ids) if image_ids is not None else ground_truth.getImgIds()
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return {name: float(value) for name, value in zip(COCO_KEYPOINT_STATS, evaluation.stats)}
+
+
+def pck(predicted, target, visible, normalizer, threshold: float = 0.05) -> float:
+    """Percentage of correct keypoints: the share of labelled keypoints within `threshold * normalizer` pixels.
+
+    predicted, target (N, K, 2); visible (N, K) (labelled when > 0); normalizer (N,), e.g. the box diagonal.
+    """
+    predicted, target = np.asarray(predicted, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    labelled = np.asarray(visible) > 0
+    if not labelled.any():
+        raise ValueError("pck needs at least one labelled keypoint")
+    distance = np.linalg.norm(predicted - target, axis=-1) / np.asarray(normalizer, dtype=np.float64)[:, None]
+    return float((distance[labelled] <= threshold).mean())
+
+
+COCO_SIGMAS = np.array(
+    [0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89]
+) / 10.0
+
+
+def object_keypoint_similarity(keypoints, others, area: float, sigmas=COCO_SIGMAS) -> np.ndarray:
+    """OKS between one pose (K, 2) and others (M, K, 2) for an object of `area` (COCO's definition)."""
+    variances = (2 * np.asarray(sigmas)) ** 2
+    squared = ((np.asarray(others) - np.asarray(keypoints)) ** 2).sum(-1)
+    return np.exp(-squared / variances / (2 * (area + np.spacing(1)))).mean(-1)
+
+
+def oks_nms(poses, scores, areas, threshold: float = 0.9, sigmas=COCO_SIGMAS) -> list[int]:
+    """Greedy non-maximum suppression by OKS (HRNet's detected-box protocol): indices of the poses kept."""
+    order = list(np.argsort(scores)[::-1])
+    keep = []
+    while order:
+        best, order = order[0], order[1:]
+        keep.append(int(best))
+        if order:
+            similarity = object_keypoint_similarity(poses[best], np.asarray(poses)[order], areas[best], sigmas)
+            order = [i for i, s in zip(order, similarity) if s <= threshold]
+    return keep
+
+
+def coco_keypoint_results(image_ids, keypoints, keypoint_scores, box_scores, visible_threshold: float = 0.2) -> list[dict]:
+    """COCO results entries for predicted poses: keypoints (N, K, 2) in image pixels, keypoint_scores (N, K),
+    box_scores (N,). The pose score is the box score times the mean of the keypoint scores above
+    `visible_threshold` (HRNet's rescoring)."""
+    keypoints, keypoint_scores = np.asarray(keypoints, dtype=np.float64), np.asarray(keypoint_scores, dtype=np.float64)
+    results = []
+    for image_id, points, scores, box_score in zip(image_ids, keypoints, keypoint_scores, box_scores):
+        confident = scores[scores > visible_threshold]
+        quality = confident.mean() if confident.size else 0.0
+        triplets = np.concatenate([points, scores[:, None]], axis=1).ravel()
+        results.append(
+            {"image_id": int(image_id), "category_id": 1, "keypoints": triplets.round(3).tolist(), "score": float(box_score * quality)}
+        )
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- head pose
+
+ANGLE_NAMES = ("yaw", "pitch", "roll")
+
+
+def head_pose_mae(predicted, target) -> dict:
+    """Mean absolute error in degrees per angle and their mean: predicted, target (N, 3) yaw, pitch, roll."""
+    predicted, target = np.asarray(predicted, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    if predicted.shape != target.shape or predicted.ndim != 2 or predicted.shape[1] != 3 or not len(predicted):
+        raise ValueError(f"head_pose_mae needs two (N, 3) arrays with N > 0, got {predicted.shape} and {target.shape}")
+    errors = np.abs(predicted - target).mean(axis=0)
+    return {**dict(zip(ANGLE_NAMES, errors.tolist())), "mean": float(errors.mean())}
+
+
+def head_pose_report(results: dict[str, dict]) -> str:
+    """The standard table: one row per (model or baseline, test set), MAE of yaw, pitch, roll and their mean."""
+    lines = ["| | yaw | pitch | roll | MAE |", "|---|---|---|---|---|"]
+    for name, mae in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{mae[key]:.2f}" for key in (*ANGLE_NAMES, "mean")) + " |")
+    return "\n".join(lines)

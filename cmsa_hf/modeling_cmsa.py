@@ -7,6 +7,7 @@ code (github.com/xyongLu/CMSA, `models/cmasformer.py`); see `configuration_cmsa.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,9 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
+from transformers.utils import ModelOutput
 
+from .codecs import AngleBinCodec, flip_heatmaps_back, mirror_angles
 from .configuration_cmsa import CMSAConfig
 
 
@@ -502,7 +505,12 @@ class CMSAPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
-            init.ones_(module.weight)
+            if getattr(module, "is_heatmap_output", False):
+                # Heatmaps start near zero (as HRNet's last conv, std 0.001): a unit-variance start costs hundreds
+                # of steps of shrinking the output scale before any localisation is learned.
+                init.constant_(module.weight, self.config.heatmap_init_scale)
+            else:
+                init.ones_(module.weight)
             init.zeros_(module.bias)
             if isinstance(module, nn.BatchNorm2d):
                 init.zeros_(module.running_mean)
@@ -511,6 +519,13 @@ class CMSAPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CMSAWindowAttention):
             init.zeros_(module.attention_bias)
             init.copy_(module.attention_bias_index, module.relative_bias_index())
+
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained` with the config's `auto_map` rebuilt for this class: a model fine-tuned
+        from another task's checkpoint would otherwise also point the other task's Auto class at remote code."""
+        self.config.auto_map = None
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -556,16 +571,18 @@ class CMSAModel(CMSAPreTrainedModel):
 
     Returns `last_hidden_state` = the fused map (batch, sum C, H1, W1) at stage-1 resolution, `pooler_output` =
     its spatial mean (batch, sum C), and `hidden_states` = the stage outputs (batch, C_i, H1 / 2^i, W1 / 2^i).
+    With `add_fusion_layer=False` (heads that read the stages themselves) there is no fusion: `last_hidden_state`
+    is the last stage's output and `pooler_output` its spatial mean.
     """
 
-    def __init__(self, config: CMSAConfig):
+    def __init__(self, config: CMSAConfig, add_fusion_layer: bool = True):
         super().__init__(config)
         rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
         bounds = [sum(config.depths[:i]) for i in range(config.num_stages + 1)]
         self.stages = nn.ModuleList(
             CMSAStage(config, stage, rates[bounds[stage] : bounds[stage + 1]]) for stage in range(config.num_stages)
         )
-        self.fusion = CMSAMultiScaleFusion(config)
+        self.fusion = CMSAMultiScaleFusion(config) if add_fusion_layer else None
         self.post_init()
 
     def forward(
@@ -590,7 +607,7 @@ class CMSAModel(CMSAPreTrainedModel):
         for stage in self.stages:
             hidden_states = stage(hidden_states)
             stage_outputs.append(hidden_states)
-        fused = self.fusion(stage_outputs)
+        fused = self.fusion(stage_outputs) if self.fusion is not None else hidden_states
         pooled = fused.mean(dim=(2, 3))
         all_hidden_states = tuple(stage_outputs) if output_hidden_states else None
 
@@ -651,9 +668,248 @@ class CMSAForImageClassification(CMSAPreTrainedModel):
             )
 
 
+@dataclass
+class CMSAKeypointDetectionOutput(ModelOutput):
+    """
+    loss: 0.5 * MSE between heatmaps and targets, weighted per keypoint (when targets are given).
+    heatmaps: (batch, num_keypoints, H1, W1), one per keypoint at stage-1 resolution.
+    hidden_states: the stage outputs, when asked.
+    """
+
+    loss: torch.FloatTensor | None = None
+    heatmaps: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class CMSAHeatmapHead(nn.Module):
+    """The authors' fusion head: fusion neck -> Conv1x1 + BN to one heatmap per keypoint. Owns its loss.
+
+    Shapes: (batch, sum C, H1, W1) -> (batch, num_keypoints, H1, W1).
+    """
+
+    def __init__(self, config: CMSAConfig):
+        super().__init__()
+        self.neck = CMSAFusionNeck(config)
+        self.heatmaps = CMSAConvBN(
+            self.neck.hidden_size, config.num_keypoints, eps=config.batch_norm_eps, inference_mode=config.reparameterized
+        )
+        if isinstance(self.heatmaps.bn, nn.BatchNorm2d):
+            self.heatmaps.bn.is_heatmap_output = True  # initialised at config.heatmap_init_scale
+
+    def forward(self, fused: torch.Tensor) -> torch.Tensor:
+        return self.heatmaps(self.neck(fused))
+
+    @staticmethod
+    def loss(
+        heatmaps: torch.Tensor, target_heatmaps: torch.Tensor, target_weights: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """0.5 * mean squared error, each keypoint weighted (0 for unlabelled / invisible ones), as in HRNet.
+        `reduction="none"` gives one value per sample (batch,), whose mean is the "mean" loss."""
+        if target_heatmaps.shape != heatmaps.shape:
+            raise ValueError(
+                f"target_heatmaps must have the heatmaps' shape {tuple(heatmaps.shape)}, got {tuple(target_heatmaps.shape)}"
+            )
+        if target_weights.shape != heatmaps.shape[:2]:
+            raise ValueError(
+                f"target_weights must have shape (batch, num_keypoints) = {tuple(heatmaps.shape[:2])}, "
+                f"got {tuple(target_weights.shape)}"
+            )
+        squared = (heatmaps.float() - target_heatmaps.float()) ** 2
+        per_sample = 0.5 * (squared * target_weights.float()[..., None, None]).mean(dim=(1, 2, 3))
+        return per_sample if reduction == "none" else per_sample.mean()
+
+
+class CMSAForKeypointDetection(CMSAPreTrainedModel):
+    """Top-down human pose: CMSAModel -> heatmap head, one heatmap per keypoint of `config.keypoint_names` at the
+    stage-1 resolution (32x24 for 32x24 crops). Decode them with `HeatmapCodec` or the keypoint image processor."""
+
+    def __init__(self, config: CMSAConfig):
+        super().__init__(config)
+        self.cmsa = CMSAModel(config)
+        self.head = CMSAHeatmapHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        target_heatmaps: torch.Tensor | None = None,
+        target_weights: torch.Tensor | None = None,
+        flip_test: bool = False,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CMSAKeypointDetectionOutput | tuple:
+        """
+        target_heatmaps: (batch, num_keypoints, H1, W1) Gaussian targets (`HeatmapCodec.encode`).
+        target_weights: (batch, num_keypoints); defaults to ones.
+        flip_test: also run the mirrored crops and average their heatmaps, flipped back with left / right swapped.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.cmsa(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        heatmaps = self.head(outputs.last_hidden_state)
+        if flip_test:
+            mirrored = self.head(self.cmsa(pixel_values.flip(-1), return_dict=True).last_hidden_state)
+            heatmaps = 0.5 * (heatmaps + flip_heatmaps_back(mirrored, self.config.flip_pairs))
+
+        loss = None
+        if target_heatmaps is not None:
+            if target_weights is None:
+                target_weights = torch.ones(heatmaps.shape[:2], device=heatmaps.device)
+            loss = self.head.loss(heatmaps, target_heatmaps, target_weights)
+
+        if not return_dict:
+            output = (heatmaps,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return CMSAKeypointDetectionOutput(loss=loss, heatmaps=heatmaps, hidden_states=outputs.hidden_states)
+
+
+@dataclass
+class CMSAHeadPoseOutput(ModelOutput):
+    """
+    loss: the head's loss against `labels` (when given).
+    angles: (batch, 3) yaw, pitch, roll in degrees.
+    logits: (batch, 3, bins) per-angle bin logits (binned head only).
+    hidden_states: the stage outputs, when asked.
+    """
+
+    loss: torch.FloatTensor | None = None
+    angles: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class CMSABinnedAngleHead(nn.Module):
+    """The Hopenet form: the pooled last stage -> one linear classifier over angle bins per angle; the angle is the
+    expectation over the bin centres. Owns its loss: cross-entropy on the bins + alpha * MSE of the expected angle.
+
+    Shapes: stage outputs [(batch, C_i, H_i, W_i)] -> logits (batch, 3, bins), angles (batch, 3).
+    """
+
+    def __init__(self, config: CMSAConfig):
+        super().__init__()
+        self.codec = AngleBinCodec(config.head_pose_bins, config.head_pose_bin_width)
+        self.regression_weight = config.head_pose_regression_weight
+        self.classifier = nn.Linear(config.hidden_sizes[-1], 3 * config.head_pose_bins)
+
+    def forward(self, stage_outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = stage_outputs[-1].mean(dim=(2, 3))
+        logits = self.classifier(pooled).view(pooled.shape[0], 3, self.codec.num_bins)
+        return logits, self.codec.decode(logits)
+
+    def loss(self, logits: torch.Tensor, angles: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed over the three angles, averaged over the batch (degrees for the MSE)."""
+        bins = self.codec.encode(labels)
+        cross_entropy = F.cross_entropy(logits.float().flatten(0, 1), bins.flatten(), reduction="none").view_as(labels)
+        squared = (angles.float() - labels.float()) ** 2
+        return (cross_entropy + self.regression_weight * squared).sum(dim=1).mean()
+
+    @staticmethod
+    def mirror_logits(logits: torch.Tensor) -> torch.Tensor:
+        """The logits of the mirrored face: bins are symmetric about 0, so yaw and roll reverse their bins."""
+        return torch.stack([logits[:, 0].flip(-1), logits[:, 1], logits[:, 2].flip(-1)], dim=1)
+
+
+class CMSASoftStagewiseHead(nn.Module):
+    """FSA-Net's soft stage-wise regression (SSR, Yang et al. 2018/2019) over the three pooled stages, deepest
+    first: stage k predicts for each angle a distribution over `s_k` bins (ReLU), a shift of the bin centres
+    (tanh) and a dynamic range (tanh); the angle is V * sum_k sum_i p_k,i (i - s_k // 2 + shift_k) /
+    prod_{j<=k} s_j (1 + lambda * range_j), with V half the angle range (99). L1 loss. A few thousand weights.
+
+    lambda (SSR-Net's lambda_local) is 0.5 rather than FSA-Net's 1: with 1 a saturated tanh zeroes a denominator.
+
+    Shapes: stage outputs [(batch, C_i, H_i, W_i)] -> angles (batch, 3).
+    """
+
+    dynamic_range_weight = 0.5
+
+    def __init__(self, config: CMSAConfig):
+        super().__init__()
+        self.stage_bins = list(config.ssr_stage_bins)
+        self.half_range = 0.5 * config.head_pose_bins * config.head_pose_bin_width
+        channels = list(reversed(config.hidden_sizes))
+        self.distributions = nn.ModuleList(nn.Linear(c, 3 * s) for c, s in zip(channels, self.stage_bins))
+        self.shifts = nn.ModuleList(nn.Linear(c, 3) for c in channels)
+        self.ranges = nn.ModuleList(nn.Linear(c, 3) for c in channels)
+
+    def forward(self, stage_outputs) -> tuple[None, torch.Tensor]:
+        angle, denominator = 0.0, 1.0
+        for index, features in enumerate(reversed(stage_outputs)):
+            pooled = features.mean(dim=(2, 3))
+            bins = self.stage_bins[index]
+            probabilities = F.relu(self.distributions[index](pooled)).view(pooled.shape[0], 3, bins)
+            shift = torch.tanh(self.shifts[index](pooled))
+            dynamic_range = torch.tanh(self.ranges[index](pooled))
+            denominator = denominator * bins * (1 + self.dynamic_range_weight * dynamic_range)
+            centres = torch.arange(bins, device=pooled.device, dtype=pooled.dtype) - bins // 2
+            angle = angle + (probabilities * (centres + shift.unsqueeze(-1))).sum(dim=-1) / denominator
+        return None, angle * self.half_range
+
+    def loss(self, logits, angles: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean absolute error in degrees, summed over the three angles."""
+        return (angles.float() - labels.float()).abs().sum(dim=1).mean()
+
+
+HEAD_POSE_HEAD_CLASSES = {"binned": CMSABinnedAngleHead, "ssr": CMSASoftStagewiseHead}
+
+
+class CMSAForHeadPoseEstimation(CMSAPreTrainedModel):
+    """Landmark-free head pose from a face crop: CMSAModel -> angle head (`config.head_pose_head`, binned by
+    default). Angles in degrees, order (yaw, pitch, roll), the 300W-LP sign convention (`cmsa_hf.codecs`)."""
+
+    def __init__(self, config: CMSAConfig):
+        super().__init__(config)
+        self.cmsa = CMSAModel(config, add_fusion_layer=False)  # the heads read the stages
+        self.head = HEAD_POSE_HEAD_CLASSES[config.head_pose_head](config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        flip_test: bool = False,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CMSAHeadPoseOutput | tuple:
+        """
+        labels: (batch, 3) yaw, pitch, roll in degrees.
+        flip_test: also run the mirrored faces and average, their yaw and roll negated (bins reversed): the
+            prediction then mirrors exactly with the face.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.cmsa(pixel_values, output_hidden_states=True, return_dict=True)
+        logits, angles = self.head(outputs.hidden_states)
+        if flip_test:
+            mirrored = self.cmsa(pixel_values.flip(-1), output_hidden_states=True, return_dict=True)
+            mirrored_logits, mirrored_angles = self.head(mirrored.hidden_states)
+            angles = 0.5 * (angles + mirror_angles(mirrored_angles))
+            if logits is not None:
+                logits = 0.5 * (logits + self.head.mirror_logits(mirrored_logits))
+
+        loss = None
+        if labels is not None:
+            if labels.shape != angles.shape:
+                raise ValueError(
+                    f"labels must be (batch, 3) = {tuple(angles.shape)} yaw, pitch, roll in degrees, got {tuple(labels.shape)}"
+                )
+            loss = self.head.loss(logits, angles, labels)
+
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        hidden_states = outputs.hidden_states if output_hidden_states else None
+        if not return_dict:
+            output = tuple(v for v in (angles, logits, hidden_states) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return CMSAHeadPoseOutput(loss=loss, angles=angles, logits=logits, hidden_states=hidden_states)
+
+
 __all__ = [
     "CMSAPreTrainedModel",
     "CMSAModel",
     "CMSAForImageClassification",
+    "CMSAForKeypointDetection",
+    "CMSAKeypointDetectionOutput",
+    "CMSAForHeadPoseEstimation",
+    "CMSAHeadPoseOutput",
     "reparameterize_model",
 ]

@@ -19,6 +19,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from .configuration_cmsa import CMSAConfig
+from .hub import write_hub_folder
+from .publish import publish
+
 
 def add_common_arguments(parser: argparse.ArgumentParser, **defaults):
     """Flags shared by the training scripts; `defaults` overrides the paper-recipe defaults per task."""
@@ -74,6 +78,28 @@ def add_common_arguments(parser: argparse.ArgumentParser, **defaults):
     group.add_argument("--hub_private_repo", action="store_true")
 
 
+def load_or_create_model(model_class, args, **config_overrides):
+    """`--model_name_or_path` (a folder or Hub id; its image size must equal `--image_size`) or, from scratch, the
+    `--variant` preset at `--image_size`. `config_overrides` (None values skipped) set task fields of either, such
+    as another head on a checkpoint of another task (its new weights are initialised)."""
+    extra = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+    config_overrides = {key: value for key, value in config_overrides.items() if value is not None}
+    if args.model_name_or_path:
+        model = model_class.from_pretrained(
+            args.model_name_or_path, drop_path_rate=args.drop_path_rate, **config_overrides, **extra
+        )
+        if tuple(args.image_size) != tuple(model.config.image_size):
+            raise ValueError(
+                f"--image_size {tuple(args.image_size)} differs from the checkpoint's image_size "
+                f"{tuple(model.config.image_size)}; CMSA's attention windows are sized for one input resolution"
+            )
+        return model
+    config = CMSAConfig.from_variant(
+        args.variant, image_size=tuple(args.image_size), drop_path_rate=args.drop_path_rate, **config_overrides, **extra
+    )
+    return model_class(config)
+
+
 def memory_format(args) -> torch.memory_format:
     return torch.channels_last if args.channels_last else torch.contiguous_format
 
@@ -109,6 +135,47 @@ def parse_checkpointing_steps(value: str | None) -> int | str | None:
     if value.isdigit() and int(value) > 0:
         return int(value)
     raise ValueError(f"--checkpointing_steps must be a positive integer or 'epoch', got {value!r}")
+
+
+def prepare_training(accelerator: Accelerator, args, model, train_dataloader, eval_dataloader, unit: str = "samples"):
+    """Check that training has a batch, build the optimizer and schedule, and hand everything to Accelerate.
+
+    Returns (model, optimizer, train_dataloader, eval_dataloader, scheduler, total_steps)."""
+    if len(train_dataloader) == 0:
+        raise ValueError(
+            f"The training set has {len(train_dataloader.dataset)} {unit}, fewer than one batch of "
+            f"--per_device_train_batch_size {args.per_device_train_batch_size}"
+        )
+    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    optimizer, scheduler, total_steps = make_optimizer_and_scheduler(model, args, steps_per_epoch)
+    prepared = accelerator.prepare(model, optimizer, train_dataloader, eval_dataloader, scheduler)
+    return (*prepared, total_steps)
+
+
+def training_summary(stats: dict, train_samples: int, eval_started: float) -> dict:
+    """The training figures every script adds to its evaluation results (all_results.json)."""
+    return {
+        "train_loss": round(stats["train_loss"], 6),
+        "train_runtime": round(stats["train_runtime"], 1),
+        "train_steps": stats["train_steps"],
+        "train_samples": train_samples,
+        "eval_runtime": round(time.perf_counter() - eval_started, 1),
+    }
+
+
+def recipe_hyperparameters(args, accelerator: Accelerator, total_steps: int) -> dict:
+    """The optimisation rows of a model card's hyperparameter table (the scripts add their task's rows)."""
+    return {
+        "optimizer": f"AdamW (betas {args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}",
+        "learning rate": f"{args.learning_rate}, {args.lr_scheduler_type}, floor {args.min_learning_rate}",
+        "warm-up": f"{args.num_warmup_steps} steps" if args.num_warmup_steps is not None else f"{args.num_warmup_epochs} epochs",
+        "batch size": f"{args.per_device_train_batch_size} x {accelerator.num_processes} processes x "
+        f"{args.gradient_accumulation_steps} accumulation",
+        "optimizer steps": total_steps,
+        "drop path": args.drop_path_rate,
+        "mixed precision": accelerator.mixed_precision,
+        "seed": args.seed,
+    }
 
 
 def make_optimizer_and_scheduler(model, args, steps_per_epoch: int):
@@ -259,3 +326,26 @@ def train_loop(
             break
     progress.close()
     return {"train_loss": last_epoch_loss, "train_runtime": time.perf_counter() - started, "train_steps": completed_steps}
+
+
+def finish_run(accelerator: Accelerator, args, model, processor, results: dict, make_card: Callable, **card_fields):
+    """Print and log the final `results`, then on the main process write the Hub-ready folder, its card made by
+    `make_card` (a `cmsa_hf.hub` card function) from `card_fields`, and with `--push_to_hub` upload it. Every process
+    waits for the end."""
+    accelerator.print(f"evaluation: {results}")
+    if args.with_tracking:
+        accelerator.log({f"final/{k}": v for k, v in results.items()}, step=results["train_steps"])
+        accelerator.end_training()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(model).eval().to(memory_format=torch.contiguous_format)
+        repo_id = args.hub_model_id or Path(args.output_dir).name
+        card = make_card(
+            model, results, repo_id=repo_id, base_model=args.model_name_or_path,
+            has_reparameterized=args.reparameterize_on_save, **card_fields,
+        )  # fmt: skip
+        write_hub_folder(args.output_dir, model, processor, results, card, reparameterize=args.reparameterize_on_save)
+        accelerator.print(f"Hub-ready folder: {args.output_dir}")
+        if args.push_to_hub:
+            summary = publish(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
+            accelerator.print(f"Uploaded to {summary['url']}")
+    accelerator.wait_for_everyone()

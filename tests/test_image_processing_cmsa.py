@@ -71,3 +71,97 @@ def test_save_and_load(tmp_path, processor):
 def test_unsupported_input_is_refused(processor):
     with pytest.raises((ValueError, TypeError)):
         processor("not an image")
+
+
+# -------------------------------------------------------------------------------------------- person boxes
+
+
+def _square_image(width=100, height=80, box=(40, 20, 20, 40)):
+    """A black image with a white rectangle at `box` (x, y, width, height)."""
+    array = np.zeros((height, width, 3), dtype=np.uint8)
+    x, y, w, h = box
+    array[y : y + h, x : x + w] = 255
+    return Image.fromarray(array)
+
+
+def test_box_crop_keeps_the_aspect_ratio_and_pads(processor):
+    box = [40, 20, 20, 40]
+    out = processor(_square_image(box=box), boxes=[box], return_tensors="pt").pixel_values
+    assert out.shape == (1, 3, 32, 24)
+    white = (out[0, 0] > 0).numpy()  # normalized white is positive, black negative
+    rows, cols = np.flatnonzero(white.any(1)), np.flatnonzero(white.any(0))
+    # the 20x40 box widens to 30x40 (the model's 3:4), then x1.25: 37.5x50 image pixels fill the 24x32 crop,
+    # so the white box covers 40 / 50 * 32 = 25.6 rows and 20 / 37.5 * 24 = 12.8 columns, centred
+    assert rows.size in range(25, 28) and cols.size in range(12, 15)
+    assert abs((rows.min() + rows.max() + 1) / 2 - 16) <= 0.5 and abs((cols.min() + cols.max() + 1) / 2 - 12) <= 0.5
+
+
+def test_boxes_per_image_give_one_crop_each(processor):
+    images = [_square_image(), _square_image(width=60)]
+    out = processor(images, boxes=[[[0, 0, 10, 10], [5, 5, 20, 30]], [[1, 1, 30, 30]]], return_tensors="pt")
+    assert out.pixel_values.shape == (3, 3, 32, 24)
+
+
+def test_box_partly_outside_is_padded_with_black(processor):
+    out = processor(_square_image(box=(0, 0, 100, 80)), boxes=[[-30, -30, 60, 60]], return_tensors="pt")
+    black = (0 - MEAN[0]) / STD[0]
+    assert np.isclose(out.pixel_values[0, 0, 0, 0].item(), black, atol=1e-4)  # the top-left lies off the image
+    assert out.pixel_values[0, 0, -1, -1].item() > 0  # the bottom-right lies on the white image
+
+
+@pytest.mark.parametrize(
+    "boxes, message",
+    [
+        ([[0, 0, 10, 10]], "boxes has 1 entries for 2 images"),
+        ([[[0, 0, 0, 10]], []], "zero or negative size"),
+        ([[[200, 10, 10, 10]], []], "lies outside the 100x80 image"),
+        ([[[-50, -50, 20, 20]], []], "lies outside"),
+        ([[[0, 0, 10]], []], r"expected \[x, y, width, height\]"),
+    ],
+)
+def test_bad_boxes_are_clear_errors(processor, boxes, message):
+    with pytest.raises(ValueError, match=message):
+        processor([_square_image(), _square_image()], boxes=boxes)
+
+
+def test_heatmaps_decode_to_image_coordinates(processor):
+    """Keypoints put into a crop's heatmaps come back at their image position (crop + codec + inverse map)."""
+    box = [30.0, 10.0, 24.0, 50.0]
+    image_points = np.array([[35.5, 20.25], [42.0, 35.0], [50.75, 55.5]])
+    (matrix,) = processor.crop_matrices([(100, 80)], [[box]])[0]
+    crop_points = image_points @ matrix[:2, :2].T + matrix[:2, 2]
+    codec = processor.heatmap_codec((32, 24))
+    heatmaps, _ = codec.encode(crop_points, np.ones(3))
+    (poses,) = processor.post_process_keypoint_detection(torch.from_numpy(heatmaps)[None], boxes=[[box]])
+    assert poses[0]["bbox"] == box and poses[0]["scores"].shape == (3,)
+    # the crop is 1.25 * 50 / 32 = 1.95 image pixels per crop pixel; DARK is sub-pixel in the crop
+    np.testing.assert_allclose(poses[0]["keypoints"].numpy(), image_points, atol=0.3)
+    with pytest.raises(ValueError, match="1 heatmaps were given for 2 boxes"):
+        processor.post_process_keypoint_detection(torch.from_numpy(heatmaps)[None], boxes=[[box, box]])
+
+
+def test_pose_settings_survive_save_and_load(tmp_path):
+    processor = CMSAImageProcessor(
+        size={"height": 64, "width": 48}, box_padding=1.3, decoder="quarter", heatmap_sigma=1.5, keypoint_names=["a", "b"]
+    )
+    processor.save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert (loaded.box_padding, loaded.decoder, loaded.heatmap_sigma, loaded.keypoint_names) == (1.3, "quarter", 1.5, ["a", "b"])
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        CMSAImageProcessor(decoder="soft-argmax")
+
+
+# -------------------------------------------------------------------------------------------- head pose
+
+
+def test_post_process_head_pose_returns_angles_and_rotations():
+    processor = CMSAImageProcessor(size={"height": 32, "width": 32}, box_padding=1.0)
+    angles = torch.tensor([[30.0, -10.0, 5.0], [0.0, 0.0, 0.0]])
+    poses = processor.post_process_head_pose(angles, return_rotation_matrix=True)
+    assert poses[0]["yaw"] == 30.0 and poses[0]["pitch"] == -10.0 and poses[0]["roll"] == 5.0
+    rotation = np.asarray(poses[0]["rotation_matrix"])
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(poses[1]["rotation_matrix"], np.eye(3), atol=1e-12)
+    assert "rotation_matrix" not in processor.post_process_head_pose(angles)[0]
+    with pytest.raises(ValueError, match=r"expected angles of shape \(faces, 3\)"):
+        processor.post_process_head_pose(torch.zeros(2, 2))

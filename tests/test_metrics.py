@@ -1,7 +1,11 @@
+import json
+
+import numpy as np
 import pytest
 import torch
+from conftest import make_coco_keypoints
 
-from cmsa_hf.metrics import top_k_accuracy
+from cmsa_hf.metrics import coco_keypoint_ap, coco_keypoint_results, object_keypoint_similarity, oks_nms, pck, top_k_accuracy
 
 
 def test_top_k_accuracy():
@@ -12,3 +16,50 @@ def test_top_k_accuracy():
     assert top_k_accuracy(logits, labels, 5) == 1.0  # k larger than the class count: every label is in
     with pytest.raises(ValueError):
         top_k_accuracy(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------- human pose
+
+
+def test_pck_counts_labelled_keypoints_within_the_threshold():
+    target = np.zeros((2, 3, 2))
+    predicted = np.array([[[1, 0], [6, 0], [0, 0]], [[0, 4], [0, 0], [50, 50]]], dtype=float)
+    visible = np.array([[2, 2, 1], [2, 0, 0]])
+    # normalizer 100, threshold 0.05: within 5 pixels -> 1 (yes), 6 (no), 0 (yes), 4 (yes); unlabelled ignored
+    assert pck(predicted, target, visible, np.array([100.0, 100.0])) == 0.75
+    with pytest.raises(ValueError, match="at least one labelled keypoint"):
+        pck(predicted, target, np.zeros((2, 3)), np.ones(2))
+
+
+def _ground_truth_results(annotation_file, shift=0.0):
+    coco = json.loads(annotation_file.read_text())
+    people = [a for a in coco["annotations"] if a["num_keypoints"] > 0 and not a["iscrowd"]]
+    keypoints = np.stack([np.asarray(a["keypoints"]).reshape(17, 3)[:, :2] for a in people]) + shift
+    return coco_keypoint_results([a["image_id"] for a in people], keypoints, np.ones((len(people), 17)), np.ones(len(people)))
+
+
+def test_coco_keypoint_ap_through_pycocotools(tmp_path):
+    annotation_file = make_coco_keypoints(tmp_path / "coco")
+    perfect = coco_keypoint_ap(annotation_file, _ground_truth_results(annotation_file), tmp_path / "results.json")
+    assert set(perfect) >= {"AP", "AP50", "AP75", "APm", "APl", "AR"}
+    assert perfect["AP"] == pytest.approx(1.0) and perfect["AR"] == pytest.approx(1.0)
+    assert json.loads((tmp_path / "results.json").read_text())[0]["category_id"] == 1  # the file COCOeval read
+    shifted = coco_keypoint_ap(annotation_file, _ground_truth_results(annotation_file, shift=3.0), tmp_path / "r.json")
+    assert shifted["AP"] < 0.9
+    with pytest.raises(ValueError, match="No keypoint results"):
+        coco_keypoint_ap(annotation_file, [], tmp_path / "empty.json")
+
+
+def test_pose_score_is_box_score_times_confident_keypoints():
+    scores = np.array([[0.9, 0.5, 0.1]])
+    (result,) = coco_keypoint_results([7], np.zeros((1, 3, 2)), scores, [0.5], visible_threshold=0.2)
+    assert result["image_id"] == 7 and len(result["keypoints"]) == 9
+    assert result["score"] == pytest.approx(0.5 * 0.7)
+
+
+def test_oks_nms_drops_duplicates_only():
+    pose = np.random.default_rng(0).uniform(0, 100, (17, 2))
+    poses = np.stack([pose, pose + 0.5, pose + 60])
+    keep = oks_nms(poses, np.array([0.8, 0.9, 0.7]), np.array([5000.0, 5000.0, 5000.0]))
+    assert keep == [1, 2]  # the best of the two near-identical poses, and the distinct one
+    assert object_keypoint_similarity(pose, pose[None], 5000.0)[0] == pytest.approx(1.0)

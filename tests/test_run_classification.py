@@ -13,7 +13,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_config
+from conftest import REPO_ROOT, launch_two_processes, tiny_config
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
@@ -99,14 +99,7 @@ def test_kill_and_resume_gives_the_same_weights(data, tiny_model, tmp_path):
 
 
 def test_two_processes_count_every_eval_sample_once(data, tiny_model, tmp_path):
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
-        *script_args(data, tiny_model, tmp_path, "--max_train_steps", "2"),
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes(SCRIPT, script_args(data, tiny_model, tmp_path, "--max_train_steps", "2"))
     results = json.loads((tmp_path / "all_results.json").read_text())
     assert results["eval_samples"] == 7
     assert (tmp_path / "model.safetensors").exists()

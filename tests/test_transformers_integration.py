@@ -8,11 +8,11 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import randomise_batch_norms, tiny_config
 from PIL import Image
 from transformers import pipeline
 
-from cmsa_hf import CMSAForImageClassification, CMSAImageProcessor
+from cmsa_hf import CMSAForHeadPoseEstimation, CMSAForImageClassification, CMSAForKeypointDetection, CMSAImageProcessor
 
 
 LABELS = {0: "dark", 1: "bright"}
@@ -27,6 +27,17 @@ def _saved_classifier(folder, **overrides):
     return model
 
 
+def _run_without_the_package(tmp_path, body: str) -> dict:
+    """Run `body` in a fresh interpreter where importing cmsa_hf fails; it prints one JSON line."""
+    script = 'import sys\nsys.modules["cmsa_hf"] = None  # as if the package were not installed\n' + textwrap.dedent(body)
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf_home")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_remote_code_loads_without_the_package(tmp_path):
     model = _saved_classifier(tmp_path / "model")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8))
@@ -35,10 +46,10 @@ def test_remote_code_loads_without_the_package(tmp_path):
     with torch.no_grad():
         expected = model(pixels).logits[0].tolist()
 
-    script = textwrap.dedent(
+    loaded = _run_without_the_package(
+        tmp_path,
         f"""
-        import json, sys
-        sys.modules["cmsa_hf"] = None  # as if the package were not installed: any import of it fails
+        import json
         import torch
         from PIL import Image
         from transformers import AutoImageProcessor, AutoModelForImageClassification
@@ -49,16 +60,76 @@ def test_remote_code_loads_without_the_package(tmp_path):
         with torch.no_grad():
             logits = model(pixels).logits[0].tolist()
         print(json.dumps({{"model": type(model).__module__, "logits": logits}}))
-        """
+        """,
     )
-    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf_home")}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["model"].startswith("transformers_modules.")  # the copied code, not the package
     np.testing.assert_allclose(loaded["logits"], expected, rtol=1e-5, atol=1e-5)
+
+
+BOXES = [[4.0, 2.0, 20.0, 30.0], [10.0, 8.0, 12.0, 14.0]]
+
+
+def _saved_pose_model(folder):
+    torch.manual_seed(0)
+    model = randomise_batch_norms(CMSAForKeypointDetection(tiny_config()), seed=3).eval()
+    model.save_pretrained(folder)
+    processor = CMSAImageProcessor.for_config(model.config, keypoint_names=model.config.keypoint_names)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+def test_pose_model_loads_as_remote_code(tmp_path):
+    model, processor = _saved_pose_model(tmp_path / "model")
+    assert (tmp_path / "model" / "codecs.py").is_file()  # modeling_cmsa imports it
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 32, 3), dtype=np.uint8))
+    image.save(tmp_path / "image.png")
+    with torch.no_grad():
+        outputs = model(**processor(image, boxes=BOXES, return_tensors="pt"), flip_test=True)
+    expected = [pose["keypoints"].tolist() for pose in processor.post_process_keypoint_detection(outputs, [BOXES])[0]]
+
+    loaded = _run_without_the_package(
+        tmp_path,
+        f"""
+        import json
+        import torch
+        from PIL import Image
+        from transformers import AutoImageProcessor, AutoModelForKeypointDetection
+        folder = {str(tmp_path / "model")!r}
+        model = AutoModelForKeypointDetection.from_pretrained(folder, trust_remote_code=True).eval()
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        boxes = {BOXES!r}
+        inputs = processor(Image.open({str(tmp_path / "image.png")!r}), boxes=boxes, return_tensors="pt")
+        with torch.no_grad():
+            outputs = model(**inputs, flip_test=True)
+        poses = processor.post_process_keypoint_detection(outputs, [boxes])[0]
+        print(json.dumps({{"model": type(model).__module__, "keypoints": [p["keypoints"].tolist() for p in poses]}}))
+        """,
+    )
+    assert loaded["model"].startswith("transformers_modules.")
+    np.testing.assert_allclose(loaded["keypoints"], expected, rtol=0, atol=1e-4)
+
+
+def test_keypoint_detection_pipeline(tmp_path, monkeypatch):
+    model, processor = _saved_pose_model(tmp_path)
+    prompts = []
+    monkeypatch.setattr("builtins.input", lambda *args: prompts.append(args) or "n")
+    pose = pipeline("keypoint-detection", model=str(tmp_path))
+    assert not prompts
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 32, 3), dtype=np.uint8))
+    people = pose(image, boxes=BOXES)
+    assert [person["bbox"] for person in people] == BOXES
+    assert [k["label"] for k in people[0]["keypoints"]] == model.config.keypoint_names
+    with torch.no_grad():
+        outputs = model(**processor(image, boxes=BOXES, return_tensors="pt"))
+    expected = processor.post_process_keypoint_detection(outputs, [BOXES])[0]
+    for person, reference in zip(people, expected):
+        np.testing.assert_allclose([[k["x"], k["y"]] for k in person["keypoints"]], reference["keypoints"], atol=1e-4)
+    whole = pose(image)  # no box: the whole image is the person
+    assert whole[0]["bbox"] == [0, 0, 32, 40] and len(whole[0]["keypoints"]) == 17
+    confident = pose({"image": image, "boxes": BOXES[:1]}, threshold=1e9)
+    assert confident[0]["keypoints"] == []
+    with pytest.raises(ValueError, match="lies outside"):
+        pose(image, boxes=[[100, 100, 10, 10]])
 
 
 def test_image_classification_pipeline(tmp_path, monkeypatch):
@@ -72,6 +143,62 @@ def test_image_classification_pipeline(tmp_path, monkeypatch):
     assert {p["label"] for p in predictions} == {"dark", "bright"}
     assert sum(p["score"] for p in predictions) == pytest.approx(1.0, abs=1e-5)
     assert len(classify([image, image])) == 2
+
+
+def _saved_head_pose_model(folder, head="binned"):
+    torch.manual_seed(0)
+    model = randomise_batch_norms(CMSAForHeadPoseEstimation(tiny_config(head_pose_head=head)), seed=4).eval()
+    model.save_pretrained(folder)
+    processor = CMSAImageProcessor.for_config(model.config, box_padding=1.0)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+@pytest.mark.parametrize("head", ["binned", "ssr"])
+def test_head_pose_model_loads_as_remote_code(tmp_path, head):
+    model, processor = _saved_head_pose_model(tmp_path / "model", head)
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 32, 3), dtype=np.uint8))
+    image.save(tmp_path / "image.png")
+    with torch.no_grad():
+        expected = model(**processor(image, boxes=BOXES, return_tensors="pt")).angles.tolist()
+    loaded = _run_without_the_package(
+        tmp_path,
+        f"""
+        import json
+        import torch
+        from PIL import Image
+        from transformers import AutoImageProcessor, AutoModel
+        folder = {str(tmp_path / "model")!r}
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        inputs = processor(Image.open({str(tmp_path / "image.png")!r}), boxes={BOXES!r}, return_tensors="pt")
+        with torch.no_grad():
+            angles = model(**inputs).angles.tolist()
+        print(json.dumps({{"model": type(model).__name__, "angles": angles}}))
+        """,
+    )
+    assert loaded["model"] == "CMSAForHeadPoseEstimation"
+    np.testing.assert_allclose(loaded["angles"], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_head_pose_pipeline(tmp_path, monkeypatch):
+    model, processor = _saved_head_pose_model(tmp_path)
+    prompts = []
+    monkeypatch.setattr("builtins.input", lambda *args: prompts.append(args) or "n")
+    head_pose = pipeline("head-pose-estimation", model=str(tmp_path))
+    assert not prompts
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 32, 3), dtype=np.uint8))
+    faces = head_pose(image, boxes=BOXES, return_rotation_matrix=True)
+    with torch.no_grad():
+        expected = model(**processor(image, boxes=BOXES, return_tensors="pt")).angles
+    assert [face["bbox"] for face in faces] == BOXES
+    for face, angles in zip(faces, expected.tolist()):
+        np.testing.assert_allclose([face["yaw"], face["pitch"], face["roll"]], angles, atol=1e-4)
+        assert np.asarray(face["rotation_matrix"]).shape == (3, 3)
+    (whole,) = head_pose(image, flip_test=True)
+    assert whole["bbox"] == [0, 0, 32, 40] and set(whole) == {"bbox", "yaw", "pitch", "roll"}
+    with pytest.raises(ValueError, match="zero or negative size"):
+        head_pose(image, boxes=[[0, 0, 0, 5]])
 
 
 def test_trainer_lowers_the_loss(tmp_path):

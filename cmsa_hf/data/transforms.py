@@ -1,4 +1,6 @@
-"""Training-time augmentation for classification (the DeiT recipe of the paper), without torchvision.
+"""Training-time augmentation, without torchvision: classification (the DeiT recipe of the paper) and top-down
+pose (flip with left / right swap, half body, scale, rotation, random erasing; keypoints move with the pixels) and
+head pose (face box jitter, flip negating yaw and roll).
 
 Per-sample randomness comes from a generator seeded by (seed, epoch, row), not from a global state: the same run
 draws the same augmentations whatever the loader prefetches, however many workers it uses, and after a resume.
@@ -11,6 +13,8 @@ import math
 import numpy as np
 import torch
 
+from ..codecs import mirror_angles
+from ..image_processing_cmsa import box_to_center_and_size, crop_matrix, transform_points, warp_image
 from .validation import decode_image
 
 
@@ -136,3 +140,167 @@ class ClassificationTransform:
             image = (image * self.processor.rescale_factor - self.mean) / self.std
             out.append(random_erasing(torch.from_numpy(np.ascontiguousarray(image)), rng, self.random_erasing_probability))
         return {"pixel_values": torch.stack(out), "labels": torch.as_tensor(batch[self.label_column])}
+
+
+COCO_UPPER_BODY = tuple(range(11))  # nose, eyes, ears, shoulders, elbows, wrists
+
+
+def half_body_region(keypoints, visibility, upper_body, aspect_ratio: float, rng: np.random.Generator):
+    """HRNet's half-body augmentation: the (centre, size) of the visible upper or lower body, or None."""
+    visible = np.flatnonzero(np.asarray(visibility) > 0)
+    upper = [i for i in visible if i in upper_body]
+    lower = [i for i in visible if i not in upper_body]
+    chosen = upper if (rng.random() < 0.5 and len(upper) > 2) else lower
+    if len(chosen) < 2:
+        chosen = upper if len(upper) >= 2 else []
+    if len(chosen) < 2:
+        return None
+    points = np.asarray(keypoints)[chosen]
+    top_left, bottom_right = points.min(axis=0), points.max(axis=0)
+    width, height = bottom_right - top_left
+    box = [top_left[0], top_left[1], max(width, 1.0), max(height, 1.0)]
+    return box_to_center_and_size(box, aspect_ratio, padding=1.5)
+
+
+def mirror_matrix(width: int) -> np.ndarray:
+    """The 3x3 horizontal mirror of a crop of `width` pixels (x -> width - x), to compose after a crop matrix."""
+    return np.array([[-1.0, 0, width], [0, 1, 0], [0, 0, 1]])
+
+
+def swap_pairs(values: np.ndarray, flip_pairs) -> np.ndarray:
+    """Swap left / right keypoints along the first axis."""
+    values = np.array(values, copy=True)
+    for left, right in flip_pairs:
+        values[[left, right]] = values[[right, left]]
+    return values
+
+
+class TopDownTransform:
+    """`Dataset.with_transform` callable for pose rows (`cmsa_hf.data.coco`): crop each person, encode its targets.
+
+    Training draws, per sample from (seed, epoch, row): half body (p 0.3, when more than 8 keypoints are visible),
+    scale (x clip(1 + 0.35 N, 0.65, 1.35)), rotation (p 0.6, clip(45 N, -90, 90) degrees), horizontal flip (p 0.5,
+    left / right swapped) and random erasing, all as one affine warp that the keypoints follow. Returns
+    `pixel_values` (B, 3, H, W), `target_heatmaps` (B, K, h, w), `target_weights` (B, K) and `sample_index`.
+    """
+
+    def __init__(
+        self,
+        processor,
+        codec,
+        flip_pairs,
+        train: bool = False,
+        seed: int = 0,
+        flip_probability: float = 0.5,
+        half_body_probability: float = 0.3,
+        scale_factor: float = 0.35,
+        rotation_factor: float = 45.0,
+        rotation_probability: float = 0.6,
+        random_erasing_probability: float = 0.0,
+        upper_body=COCO_UPPER_BODY,
+    ):
+        self.processor, self.codec, self.flip_pairs = processor, codec, flip_pairs
+        self.train, self.seed, self.epoch = train, seed, 0
+        self.flip_probability, self.half_body_probability = flip_probability, half_body_probability
+        self.scale_factor, self.rotation_factor, self.rotation_probability = scale_factor, rotation_factor, rotation_probability
+        self.random_erasing_probability, self.upper_body = random_erasing_probability, set(upper_body)
+
+    def crop_geometry(self, row: dict, rng: np.random.Generator | None) -> tuple[np.ndarray, bool]:
+        """The crop matrix (image -> crop) of a row and whether it mirrors; random when `rng` is given."""
+        height, width = self.processor.input_size
+        aspect = width / height
+        centre, size = box_to_center_and_size(row["box"], aspect, self.processor.box_padding)
+        rotation, mirror = 0.0, False
+        if rng is not None:
+            visibility = np.asarray(row["visibility"])
+            if (visibility > 0).sum() > 8 and rng.random() < self.half_body_probability:
+                region = half_body_region(row["keypoints"], visibility, self.upper_body, aspect, rng)
+                if region is not None:
+                    centre, size = region
+            size = size * np.clip(rng.standard_normal() * self.scale_factor + 1, 1 - self.scale_factor, 1 + self.scale_factor)
+            if rng.random() <= self.rotation_probability:
+                rotation = float(np.clip(rng.standard_normal() * self.rotation_factor, -2 * self.rotation_factor, 2 * self.rotation_factor))
+            mirror = rng.random() < self.flip_probability
+        matrix = crop_matrix(centre, size, (height, width), rotation)
+        return (mirror_matrix(width) @ matrix if mirror else matrix), mirror
+
+    def __call__(self, batch: dict) -> dict:
+        pixels, heatmaps, weights = [], [], []
+        for index, row_id in enumerate(batch["sample_index"]):
+            row = {key: batch[key][index] for key in ("box", "keypoints", "visibility")}
+            rng = np.random.default_rng([self.seed, self.epoch, row_id]) if self.train else None
+            matrix, mirror = self.crop_geometry(row, rng)
+            image = decode_image(batch["image"][index]).convert("RGB")
+            crop = self.processor.normalize_crop(warp_image(image, matrix, self.processor.input_size))
+            keypoints = transform_points(row["keypoints"], matrix)
+            visibility = np.asarray(row["visibility"])
+            if mirror:
+                keypoints, visibility = swap_pairs(keypoints, self.flip_pairs), swap_pairs(visibility, self.flip_pairs)
+            crop = torch.from_numpy(crop)
+            if rng is not None:
+                crop = random_erasing(crop, rng, self.random_erasing_probability)
+            target, weight = self.codec.encode(keypoints, visibility)
+            pixels.append(crop)
+            heatmaps.append(torch.from_numpy(target))
+            weights.append(torch.from_numpy(weight))
+        return {
+            "pixel_values": torch.stack(pixels),
+            "target_heatmaps": torch.stack(heatmaps),
+            "target_weights": torch.stack(weights),
+            "sample_index": torch.as_tensor(batch["sample_index"]),
+        }
+
+
+class HeadPoseTransform:
+    """`Dataset.with_transform` callable for head-pose rows (`cmsa_hf.data.head_pose`): crop each face box (grown to
+    the model's aspect ratio) and return `pixel_values` (B, 3, H, W), `labels` (B, 3) (yaw, pitch, roll, degrees)
+    and `sample_index`.
+
+    Training draws, per sample from (seed, epoch, row): box scale x U(1 - scale_factor, 1 + scale_factor), a shift of
+    the box centre by U(-shift_factor, shift_factor) of its size, horizontal flip (p 0.5; yaw and roll negated) and
+    random erasing.
+    """
+
+    def __init__(
+        self,
+        processor,
+        train: bool = False,
+        seed: int = 0,
+        flip_probability: float = 0.5,
+        scale_factor: float = 0.1,
+        shift_factor: float = 0.05,
+        random_erasing_probability: float = 0.0,
+    ):
+        self.processor, self.train, self.seed, self.epoch = processor, train, seed, 0
+        self.flip_probability, self.scale_factor, self.shift_factor = flip_probability, scale_factor, shift_factor
+        self.random_erasing_probability = random_erasing_probability
+
+    def crop_geometry(self, box, rng: np.random.Generator | None) -> tuple[np.ndarray, bool]:
+        """The crop matrix (image -> crop) of a face box and whether it mirrors; random when `rng` is given."""
+        height, width = self.processor.input_size
+        centre, size = box_to_center_and_size(box, width / height, self.processor.box_padding)
+        mirror = False
+        if rng is not None:
+            size = size * rng.uniform(1 - self.scale_factor, 1 + self.scale_factor)
+            centre = centre + size * rng.uniform(-self.shift_factor, self.shift_factor, 2)
+            mirror = rng.random() < self.flip_probability
+        matrix = crop_matrix(centre, size, (height, width))
+        return (mirror_matrix(width) @ matrix if mirror else matrix), mirror
+
+    def __call__(self, batch: dict) -> dict:
+        pixels, labels = [], []
+        for index, row_id in enumerate(batch["sample_index"]):
+            rng = np.random.default_rng([self.seed, self.epoch, row_id]) if self.train else None
+            matrix, mirror = self.crop_geometry(batch["box"][index], rng)
+            image = decode_image(batch["image"][index]).convert("RGB")
+            crop = torch.from_numpy(self.processor.normalize_crop(warp_image(image, matrix, self.processor.input_size)))
+            if rng is not None:
+                crop = random_erasing(crop, rng, self.random_erasing_probability)
+            angles = np.asarray(batch["angles"][index], dtype=np.float32)
+            pixels.append(crop)
+            labels.append(torch.from_numpy(mirror_angles(angles) if mirror else angles))
+        return {
+            "pixel_values": torch.stack(pixels),
+            "labels": torch.stack(labels),
+            "sample_index": torch.as_tensor(batch["sample_index"]),
+        }

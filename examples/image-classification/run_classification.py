@@ -11,7 +11,6 @@ handwritten digits: no download). Model: a saved folder or Hub id (--model_name_
 """
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -24,15 +23,18 @@ from torch.utils.data import DataLoader
 from cmsa_hf import CMSAConfig, CMSAForImageClassification, CMSAImageProcessor
 from cmsa_hf.data.image_classification import load_splits, prepare_splits
 from cmsa_hf.data.transforms import ClassificationTransform, mix_batch
-from cmsa_hf.hub import image_classification_card, push_folder_to_hub, write_hub_folder
+from cmsa_hf.hub import image_classification_card
 from cmsa_hf.metrics import top_k_accuracy
 from cmsa_hf.training import (
     add_common_arguments,
     make_accelerator,
-    make_optimizer_and_scheduler,
     make_train_dataloader,
     memory_format,
+    prepare_training,
+    recipe_hyperparameters,
+    finish_run,
     train_loop,
+    training_summary,
 )
 
 
@@ -159,16 +161,8 @@ def main(argv=None):
         batch_size=args.per_device_eval_batch_size,
         num_workers=args.dataloader_num_workers,
     )
-    if len(train_dataloader) == 0:
-        raise ValueError(
-            f"Split 'train' has {len(splits['train'])} rows, fewer than one batch of "
-            f"--per_device_train_batch_size {args.per_device_train_batch_size}"
-        )
-
-    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    optimizer, scheduler, total_steps = make_optimizer_and_scheduler(model, args, steps_per_epoch)
-    model, optimizer, train_dataloader, eval_dataloader, scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader, scheduler
+    model, optimizer, train_dataloader, eval_dataloader, scheduler, total_steps = prepare_training(
+        accelerator, args, model, train_dataloader, eval_dataloader, unit="images"
     )
 
     def compute_loss(model, batch):
@@ -191,40 +185,19 @@ def main(argv=None):
     )  # fmt: skip
     started = time.perf_counter()
     results = evaluate(accelerator, model, eval_dataloader, memory_format(args))
-    results.update(
-        train_loss=round(stats["train_loss"], 4),
-        train_runtime=round(stats["train_runtime"], 1),
-        train_steps=stats["train_steps"],
-        train_samples=len(splits["train"]),
-        eval_runtime=round(time.perf_counter() - started, 1),
+    results.update(**training_summary(stats, len(splits["train"]), started))
+    dataset_name = args.dataset_name or Path(args.train_dir).name
+    # a Hub data set's own validation split (load_splits carves one only when it has none) or --validation_dir
+    has_validation = args.validation_dir is not None or args.dataset_name not in (None, "digits")
+    finish_run(
+        accelerator, args, model, processor, results, image_classification_card,
+        dataset_name=dataset_name,
+        dataset_description=_describe_dataset(args),
+        eval_split_description="the data set's validation split" if has_validation
+        else f"held out from the training data with seed {args.seed}",
+        hyperparameters=_hyperparameters(args, accelerator, total_steps),
+        eval_split="validation" if has_validation else "held-out",
     )
-    accelerator.print(f"evaluation: {results}")
-    if args.with_tracking:
-        accelerator.log({f"final/{k}": v for k, v in results.items()}, step=stats["train_steps"])
-        accelerator.end_training()
-
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(model).eval().to(memory_format=torch.contiguous_format)
-        dataset_name = args.dataset_name or Path(args.train_dir).name
-        repo_id = args.hub_model_id or Path(args.output_dir).name
-        card = image_classification_card(
-            model,
-            results,
-            dataset_name=dataset_name,
-            dataset_description=_describe_dataset(args),
-            eval_split_description="the data set's validation split" if args.dataset_name not in (None, "digits")
-            else f"held out from the training data with seed {args.seed}",
-            hyperparameters=_hyperparameters(args, accelerator, total_steps),
-            repo_id=repo_id,
-            base_model=args.model_name_or_path,
-            has_reparameterized=args.reparameterize_on_save,
-        )
-        write_hub_folder(args.output_dir, model, processor, results, card, reparameterize=args.reparameterize_on_save)
-        accelerator.print(f"Hub-ready folder: {args.output_dir}")
-        if args.push_to_hub:
-            url = push_folder_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
-            accelerator.print(f"Uploaded to {url}")
-    accelerator.wait_for_everyone()
     return results
 
 
@@ -244,19 +217,11 @@ def _hyperparameters(args, accelerator, total_steps) -> dict:
         f"mixup {args.mixup_alpha} / cutmix {args.cutmix_alpha}, p {args.mix_probability}"
     )
     return {
-        "optimizer": f"AdamW (betas {args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}",
-        "learning rate": f"{args.learning_rate}, {args.lr_scheduler_type}, floor {args.min_learning_rate}",
-        "warm-up": f"{args.num_warmup_steps} steps" if args.num_warmup_steps is not None else f"{args.num_warmup_epochs} epochs",
-        "batch size": f"{args.per_device_train_batch_size} x {accelerator.num_processes} processes x "
-        f"{args.gradient_accumulation_steps} accumulation",
-        "optimizer steps": total_steps,
         "label smoothing": args.label_smoothing,
         "mixup / cutmix": mixing,
         "random crop padding / h-flip / random erasing": f"{args.crop_padding} / {args.hflip_probability} / "
         f"{args.random_erasing_probability}",
-        "drop path": args.drop_path_rate,
-        "mixed precision": accelerator.mixed_precision,
-        "seed": args.seed,
+        **recipe_hyperparameters(args, accelerator, total_steps),
     }
 
 

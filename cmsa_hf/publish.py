@@ -1,0 +1,113 @@
+"""One publishing path for every training script and the `cmsa-hf publish` command: check a Hub-ready folder,
+optionally add the reparameterized inference copy, and upload it (or, with a dry run, say what would go up).
+
+    cmsa-hf publish outputs/digits-cmsa-s --repo-id you/cmsa-s-digits [--private] [--revision main] [--dry-run]
+"""
+
+import argparse
+import fnmatch
+import json
+from pathlib import Path
+
+from huggingface_hub import ModelCard
+
+from .hub import REPARAMETERIZED_SUBFOLDER, UPLOAD_IGNORE_PATTERNS, push_folder_to_hub, save_reparameterized_copy
+
+
+def validate_folder(folder) -> dict:
+    """Load what a user will load and check the card against the run's results. Returns the card metadata.
+
+    Raises a ValueError naming the problem: a missing file, weights or processor that do not load, a card whose
+    model-index values differ from `all_results.json`.
+    """
+    from transformers import AutoConfig, AutoImageProcessor
+
+    from . import modeling_cmsa
+
+    folder = Path(folder)
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "all_results.json"):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder} is not a Hub-ready folder: {name} is missing")
+    config = AutoConfig.from_pretrained(folder)
+    architecture = (config.architectures or ["CMSAModel"])[0]
+    model_class = getattr(modeling_cmsa, architecture, None)
+    if model_class is None:
+        raise ValueError(f"{folder}/config.json names the architecture {architecture!r}, which cmsa_hf does not know")
+    model_class.from_pretrained(folder)  # raises on corrupt or mismatched weights
+    AutoImageProcessor.from_pretrained(folder)
+
+    card = ModelCard.load(folder / "README.md")
+    metadata = card.data.to_dict()
+    results = json.loads((folder / "all_results.json").read_text())
+    measured = {value for key, value in results.items() if key.startswith("eval_")}
+    for entry in metadata.get("model-index", []):
+        for result in entry.get("results", []):
+            for metric in result.get("metrics", []):
+                if metric["value"] not in measured:
+                    raise ValueError(
+                        f"The card's {metric.get('name', metric['type'])} = {metric['value']} is not a measured value "
+                        f"of {folder / 'all_results.json'}"
+                    )
+    return metadata
+
+
+def files_to_upload(folder) -> list[str]:
+    """The folder's files that an upload sends (checkpoints and logs stay behind), relative paths, sorted."""
+    folder = Path(folder)
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    return sorted(f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in UPLOAD_IGNORE_PATTERNS))
+
+
+def add_reparameterized_copy(folder) -> Path:
+    """Write the folded inference copy of the folder's model into `folder/reparameterized`."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    from . import modeling_cmsa
+
+    model_class = getattr(modeling_cmsa, AutoConfig.from_pretrained(folder).architectures[0])
+    return save_reparameterized_copy(model_class.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder), folder)
+
+
+def publish(
+    folder, repo_id: str, *, token=None, private: bool = False, revision=None, dry_run: bool = False,
+    add_reparameterized: bool = False,
+) -> dict:  # fmt: skip
+    """Validate `folder`, optionally add the reparameterized copy, and upload it to `repo_id` (unless `dry_run`).
+    Returns what was (or would be) uploaded: repo_id, files, card metadata, url."""
+    metadata = validate_folder(folder)
+    if add_reparameterized and not (Path(folder) / REPARAMETERIZED_SUBFOLDER).is_dir():
+        add_reparameterized_copy(folder)
+    summary = {"repo_id": repo_id, "files": files_to_upload(folder), "card": metadata, "url": None}
+    if not dry_run:
+        summary["url"] = push_folder_to_hub(folder, repo_id, token=token, private=private, revision=revision)
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="cmsa-hf", description="cmsa_hf command line")
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("publish", help="Check a Hub-ready folder and upload it to the Hub.")
+    command.add_argument("folder", help="A training script's output_dir.")
+    command.add_argument("--repo-id", required=True, help="you/model-name")
+    command.add_argument("--private", action="store_true")
+    command.add_argument("--revision", default=None, help="A branch to upload to (created if needed).")
+    command.add_argument("--token", default=None)
+    command.add_argument("--add-reparameterized", action="store_true", help="Also upload a folded inference copy.")
+    command.add_argument("--dry-run", action="store_true", help="Print what would be uploaded; upload nothing.")
+    args = parser.parse_args(argv)
+
+    summary = publish(
+        args.folder, args.repo_id, token=args.token, private=args.private, revision=args.revision,
+        dry_run=args.dry_run, add_reparameterized=args.add_reparameterized,
+    )  # fmt: skip
+    print(f"{'Would upload' if args.dry_run else 'Uploaded'} to {args.repo_id}:")
+    for name in summary["files"]:
+        print(f"  {name}")
+    print("Card metadata:")
+    print(json.dumps(summary["card"], indent=2))
+    if summary["url"]:
+        print(f"URL: {summary['url']}")
+
+
+if __name__ == "__main__":
+    main()

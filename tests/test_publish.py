@@ -1,0 +1,79 @@
+"""`cmsa-hf publish`: folder checks, the dry run, the reparameterized copy and the upload (HfApi patched)."""
+
+import json
+import shutil
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from conftest import tiny_config
+from test_run_classification import make_image_folder
+
+from cmsa_hf import CMSAForImageClassification
+from cmsa_hf.publish import main, publish, validate_folder
+
+
+@pytest.fixture(scope="module")
+def trained_folder(tmp_path_factory):
+    """A Hub-ready folder written by the classification script (2 steps on a tiny image folder)."""
+    import run_classification
+
+    root = tmp_path_factory.mktemp("publish")
+    make_image_folder(root / "train", {"dark": 6, "bright": 6})
+    torch.manual_seed(0)
+    CMSAForImageClassification(tiny_config(num_labels=2)).save_pretrained(root / "tiny")
+    run_classification.main([
+        "--train_dir", str(root / "train"), "--model_name_or_path", str(root / "tiny"), "--output_dir",
+        str(root / "out"), "--max_train_steps", "2", "--per_device_train_batch_size", "4", "--checkpointing_steps", "1",
+    ])  # fmt: skip
+    return root / "out"
+
+
+def test_dry_run_lists_the_files_and_the_card(trained_folder, capsys):
+    with mock.patch("huggingface_hub.HfApi.upload_folder") as upload_folder:
+        main(["publish", str(trained_folder), "--repo-id", "me/tiny", "--dry-run"])
+    upload_folder.assert_not_called()
+    printed = capsys.readouterr().out
+    assert "Would upload to me/tiny:" in printed and "  model.safetensors" in printed and "checkpoints/" not in printed
+    metadata = json.loads(printed.split("Card metadata:\n", 1)[1])
+    measured = json.loads((trained_folder / "all_results.json").read_text())
+    assert metadata["model-index"][0]["results"][0]["metrics"][0]["value"] == measured["eval_accuracy"]
+    assert metadata["pipeline_tag"] == "image-classification"
+
+
+def test_upload_with_a_reparameterized_copy(trained_folder, tmp_path):
+    folder = Path(shutil.copytree(trained_folder, tmp_path / "folder"))
+    with (
+        mock.patch("huggingface_hub.HfApi.create_repo", return_value="https://huggingface.co/me/tiny") as create_repo,
+        mock.patch("huggingface_hub.HfApi.create_branch") as create_branch,
+        mock.patch("huggingface_hub.HfApi.upload_folder") as upload_folder,
+    ):
+        summary = publish(folder, "me/tiny", private=True, revision="v1", add_reparameterized=True)
+    assert create_repo.call_args.kwargs["private"] is True and create_branch.call_args.kwargs["branch"] == "v1"
+    assert upload_folder.call_args.kwargs["revision"] == "v1"
+    assert "reparameterized/model.safetensors" in summary["files"]
+    assert json.loads((folder / "reparameterized" / "config.json").read_text())["reparameterized"] is True
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: (f / "preprocessor_config.json").unlink(), "preprocessor_config.json is missing"),
+        (lambda f: (f / "model.safetensors").write_bytes(b"garbage"), "corrupt or truncated"),
+        (
+            lambda f: (f / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.123456})),
+            "is not a measured value",
+        ),
+    ],
+)
+def test_bad_folders_are_refused_before_any_upload(trained_folder, tmp_path, damage, message):
+    folder = Path(shutil.copytree(trained_folder, tmp_path / "folder"))
+    damage(folder)
+    with mock.patch("huggingface_hub.HfApi.upload_folder") as upload_folder, pytest.raises((ValueError, OSError), match=message):
+        publish(folder, "me/tiny")
+    upload_folder.assert_not_called()
+
+
+def test_validate_returns_the_card_metadata(trained_folder):
+    assert {"cmsa", "low-resolution"} <= set(validate_folder(trained_folder)["tags"])
