@@ -128,6 +128,7 @@ def test_keypoint_detection_pipeline(tmp_path, monkeypatch):
     assert whole[0]["bbox"] == [0, 0, 32, 40] and len(whole[0]["keypoints"]) == 17
     confident = pose({"image": image, "boxes": BOXES[:1]}, threshold=1e9)
     assert confident[0]["keypoints"] == []
+    assert pose(image, boxes=[]) == []  # no person: no result, and the model is not run on an empty batch
     with pytest.raises(ValueError, match="lies outside"):
         pose(image, boxes=[[100, 100, 10, 10]])
 
@@ -197,6 +198,7 @@ def test_head_pose_pipeline(tmp_path, monkeypatch):
         assert np.asarray(face["rotation_matrix"]).shape == (3, 3)
     (whole,) = head_pose(image, flip_test=True)
     assert whole["bbox"] == [0, 0, 32, 40] and set(whole) == {"bbox", "yaw", "pitch", "roll"}
+    assert head_pose(image, boxes=[]) == []
     with pytest.raises(ValueError, match="zero or negative size"):
         head_pose(image, boxes=[[0, 0, 0, 5]])
 
