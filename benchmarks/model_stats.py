@@ -66,7 +66,8 @@ def main():
         for size in POSE_SIZES:
             config = CMSAConfig.from_variant(variant, image_size=size)
             flops = count_flops(CMSAForKeypointDetection(config).eval().reparameterize(), size)
-            cells.append(f"{flops / 1e9:.3f} ({size[0] // config.stem_stride}x{size[1] // config.stem_stride})")
+            heatmap_height, heatmap_width = config.stage_resolutions()[0]
+            cells.append(f"{flops / 1e9:.3f} ({heatmap_height}x{heatmap_width})")
         print(f"| {variant} | " + " | ".join(cells) + " |")
 
 

@@ -81,8 +81,7 @@ def keypoint_detection_card(model, results: dict, *, eval_description: str, **ru
         metrics={name: (f"oks-{name.lower()}", title) for name, title in COCO_METRIC_NAMES.items()},
         num_keypoints=config.num_keypoints,
         keypoint_names=", ".join(config.keypoint_names),
-        heatmap_height=config.image_size[0] // config.stem_stride,
-        heatmap_width=config.image_size[1] // config.stem_stride,
+        heatmap_size="x".join(map(str, config.stage_resolutions()[0])),
         eval_description=eval_description,
         metric_names=COCO_METRIC_NAMES,
         **run,
@@ -103,7 +102,6 @@ def head_pose_card(model, results: dict, *, eval_description: str, **run) -> Mod
         tags=["head-pose-estimation"],
         metric_id="mae",
         metrics={name: (name, title) for name, title in HEAD_POSE_METRIC_NAMES.items()},
-        pipeline_tag=None,  # not a Hub pipeline tag
         head=config.head_pose_head,
         bins=config.head_pose_bins,
         bin_width=config.head_pose_bin_width,
@@ -112,6 +110,10 @@ def head_pose_card(model, results: dict, *, eval_description: str, **run) -> Mod
         metric_names=HEAD_POSE_METRIC_NAMES,
         **run,
     )
+
+
+# Hub pipeline tags of the tasks that have one (head pose has none).
+PIPELINE_TAGS = {"image-classification": "image-classification", "keypoint-detection": "keypoint-detection"}
 
 
 def _task_card(
@@ -127,14 +129,13 @@ def _task_card(
     repo_id: str,
     base_model: str | None = None,
     eval_split: str = "validation",
-    pipeline_tag: str | None = "",
     **fields,
 ) -> ModelCard:
     """Card metadata (the headline metric `metric_id`; model-index entries `metrics`: result key -> (metric type,
     name), values `results["eval_" + key]`, measured on the `eval_split` of `dataset_name`) and the template filled with what every card shows (name, variant, size, cost) plus `fields`."""
     card_data = ModelCardData(
         library_name="transformers",
-        pipeline_tag=task if pipeline_tag == "" else pipeline_tag,
+        pipeline_tag=PIPELINE_TAGS.get(task),
         license="apache-2.0",
         tags=["cmsa", "low-resolution", *tags, "vision"],
         datasets=[dataset_name],

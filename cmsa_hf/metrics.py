@@ -1,5 +1,9 @@
 """Evaluation metrics as pure functions (COCO OKS AP through pycocotools)."""
 
+import contextlib
+import io
+import json
+
 import numpy as np
 import torch
 
@@ -26,11 +30,7 @@ def coco_keypoint_ap(annotation_file, results: list[dict], results_file, image_i
     evaluation covers `image_ids` (default: every image of the annotation file, so that persons in images without
     a result count as missed).
     """
-    import contextlib
-    import io
-    import json
-
-    from pycocotools.coco import COCO
+    from pycocotools.coco import COCO  # the `pose` extra
     from pycocotools.cocoeval import COCOeval
 
     if not results:

@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 
 from huggingface_hub import ModelCard
+from transformers import AutoConfig, AutoImageProcessor
 
+from . import modeling_cmsa
 from .hub import REPARAMETERIZED_SUBFOLDER, UPLOAD_IGNORE_PATTERNS, push_folder_to_hub, save_reparameterized_copy
 
 
@@ -20,20 +22,11 @@ def validate_folder(folder) -> dict:
     Raises a ValueError naming the problem: a missing file, weights or processor that do not load, a card whose
     model-index values differ from `all_results.json`.
     """
-    from transformers import AutoConfig, AutoImageProcessor
-
-    from . import modeling_cmsa
-
     folder = Path(folder)
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "all_results.json"):
         if not (folder / name).is_file():
             raise ValueError(f"{folder} is not a Hub-ready folder: {name} is missing")
-    config = AutoConfig.from_pretrained(folder)
-    architecture = (config.architectures or ["CMSAModel"])[0]
-    model_class = getattr(modeling_cmsa, architecture, None)
-    if model_class is None:
-        raise ValueError(f"{folder}/config.json names the architecture {architecture!r}, which cmsa_hf does not know")
-    model_class.from_pretrained(folder)  # raises on corrupt or mismatched weights
+    load_model(folder)  # raises on corrupt or mismatched weights
     AutoImageProcessor.from_pretrained(folder)
 
     card = ModelCard.load(folder / "README.md")
@@ -60,12 +53,16 @@ def files_to_upload(folder) -> list[str]:
 
 def add_reparameterized_copy(folder) -> Path:
     """Write the folded inference copy of the folder's model into `folder/reparameterized`."""
-    from transformers import AutoConfig, AutoImageProcessor
+    return save_reparameterized_copy(load_model(folder), AutoImageProcessor.from_pretrained(folder), folder)
 
-    from . import modeling_cmsa
 
-    model_class = getattr(modeling_cmsa, AutoConfig.from_pretrained(folder).architectures[0])
-    return save_reparameterized_copy(model_class.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder), folder)
+def load_model(folder):
+    """The folder's model, as the cmsa_hf class its config names (`architectures`)."""
+    architecture = (AutoConfig.from_pretrained(folder).architectures or ["CMSAModel"])[0]
+    model_class = getattr(modeling_cmsa, architecture, None)
+    if model_class is None:
+        raise ValueError(f"{folder}/config.json names the architecture {architecture!r}, which cmsa_hf does not know")
+    return model_class.from_pretrained(folder)
 
 
 def publish(

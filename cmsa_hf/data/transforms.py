@@ -175,7 +175,21 @@ def swap_pairs(values: np.ndarray, flip_pairs) -> np.ndarray:
     return values
 
 
-class TopDownTransform:
+class _BoxCropTransform:
+    """What the box-crop transforms share: the per-sample generator and the (augmented) crop itself."""
+
+    def sample_generator(self, row_id: int) -> np.random.Generator | None:
+        """The augmentation draws of a row: seeded by (seed, epoch, row) when training, none otherwise."""
+        return np.random.default_rng([self.seed, self.epoch, row_id]) if self.train else None
+
+    def crop(self, image_value, matrix: np.ndarray, rng: np.random.Generator | None) -> torch.Tensor:
+        """Decode a row's image and warp it under `matrix`: (3, H, W) normalized, randomly erased when training."""
+        image = decode_image(image_value).convert("RGB")
+        crop = torch.from_numpy(self.processor.normalize_crop(warp_image(image, matrix, self.processor.input_size)))
+        return random_erasing(crop, rng, self.random_erasing_probability) if rng is not None else crop
+
+
+class TopDownTransform(_BoxCropTransform):
     """`Dataset.with_transform` callable for pose rows (`cmsa_hf.data.coco`): crop each person, encode its targets.
 
     Training draws, per sample from (seed, epoch, row): half body (p 0.3, when more than 8 keypoints are visible),
@@ -228,19 +242,14 @@ class TopDownTransform:
         pixels, heatmaps, weights = [], [], []
         for index, row_id in enumerate(batch["sample_index"]):
             row = {key: batch[key][index] for key in ("box", "keypoints", "visibility")}
-            rng = np.random.default_rng([self.seed, self.epoch, row_id]) if self.train else None
+            rng = self.sample_generator(row_id)
             matrix, mirror = self.crop_geometry(row, rng)
-            image = decode_image(batch["image"][index]).convert("RGB")
-            crop = self.processor.normalize_crop(warp_image(image, matrix, self.processor.input_size))
+            pixels.append(self.crop(batch["image"][index], matrix, rng))
             keypoints = transform_points(row["keypoints"], matrix)
             visibility = np.asarray(row["visibility"])
             if mirror:
                 keypoints, visibility = swap_pairs(keypoints, self.flip_pairs), swap_pairs(visibility, self.flip_pairs)
-            crop = torch.from_numpy(crop)
-            if rng is not None:
-                crop = random_erasing(crop, rng, self.random_erasing_probability)
             target, weight = self.codec.encode(keypoints, visibility)
-            pixels.append(crop)
             heatmaps.append(torch.from_numpy(target))
             weights.append(torch.from_numpy(weight))
         return {
@@ -251,7 +260,7 @@ class TopDownTransform:
         }
 
 
-class HeadPoseTransform:
+class HeadPoseTransform(_BoxCropTransform):
     """`Dataset.with_transform` callable for head-pose rows (`cmsa_hf.data.head_pose`): crop each face box (grown to
     the model's aspect ratio) and return `pixel_values` (B, 3, H, W), `labels` (B, 3) (yaw, pitch, roll, degrees)
     and `sample_index`.
@@ -290,14 +299,10 @@ class HeadPoseTransform:
     def __call__(self, batch: dict) -> dict:
         pixels, labels = [], []
         for index, row_id in enumerate(batch["sample_index"]):
-            rng = np.random.default_rng([self.seed, self.epoch, row_id]) if self.train else None
+            rng = self.sample_generator(row_id)
             matrix, mirror = self.crop_geometry(batch["box"][index], rng)
-            image = decode_image(batch["image"][index]).convert("RGB")
-            crop = torch.from_numpy(self.processor.normalize_crop(warp_image(image, matrix, self.processor.input_size)))
-            if rng is not None:
-                crop = random_erasing(crop, rng, self.random_erasing_probability)
+            pixels.append(self.crop(batch["image"][index], matrix, rng))
             angles = np.asarray(batch["angles"][index], dtype=np.float32)
-            pixels.append(crop)
             labels.append(torch.from_numpy(mirror_angles(angles) if mirror else angles))
         return {
             "pixel_values": torch.stack(pixels),

@@ -100,11 +100,11 @@ def load_splits(args) -> dict:
 def evaluate(accelerator, model, dataloader, args, training_mean: np.ndarray) -> dict:
     """MAE per angle and mean over the whole split (each face once across processes), and the MAE of always
     predicting the training mean (the baseline any model must beat)."""
-    model.eval()
+    network = accelerator.unwrap_model(model).eval()
     predictions, labels = [], []
     for batch in dataloader:
         pixel_values = batch["pixel_values"].contiguous(memory_format=memory_format(args))
-        angles = accelerator.unwrap_model(model)(pixel_values=pixel_values, flip_test=args.flip_test).angles
+        angles = network(pixel_values=pixel_values, flip_test=args.flip_test).angles
         angles, truth = accelerator.gather_for_metrics((angles.float(), batch["labels"]))
         predictions.append(angles.cpu())
         labels.append(truth.cpu())

@@ -92,11 +92,6 @@ def load_model(args):
     return model, processor
 
 
-def heatmap_size(model) -> tuple[int, int]:
-    height, width = model.config.image_size
-    return (height // model.config.stem_stride, width // model.config.stem_stride)
-
-
 def load_split(annotation_file, image_dir, max_samples, detections_file=None, min_detection_score=0.0):
     """The person rows of a COCO split with a `sample_index` column; `max_samples` keeps whole images (their first
     ones, up to that many persons), so that a subset is scored fairly against the images it covers."""
@@ -117,11 +112,10 @@ def load_split(annotation_file, image_dir, max_samples, detections_file=None, mi
 def evaluate(accelerator, model, dataloader, dataset, processor, codec, args, results_file) -> dict:
     """COCO OKS AP / AR (pycocotools, on the main process) of the whole split, each person counted once across
     processes; with ground-truth boxes also PCK@0.05 and the heatmap loss."""
-    model.eval()
+    network = accelerator.unwrap_model(model).eval()
     keypoints, scores, indices, losses = [], [], [], []
     for batch in dataloader:
         pixel_values = batch["pixel_values"].contiguous(memory_format=memory_format(args))
-        network = accelerator.unwrap_model(model)
         heatmaps = network(pixel_values=pixel_values, flip_test=args.flip_test).heatmaps
         loss = network.head.loss(heatmaps, batch["target_heatmaps"], batch["target_weights"], reduction="none")
         coordinates, confidence = codec.decode(heatmaps)
@@ -180,7 +174,7 @@ def main(argv=None):
 
     model, processor = load_model(args)
     model.to(memory_format=memory_format(args))
-    codec = processor.heatmap_codec(heatmap_size(model))
+    codec = processor.heatmap_codec(model.config.stage_resolutions()[0])
     with accelerator.main_process_first():
         train_set = load_split(args.train_annotation_file, args.train_image_dir, args.max_train_samples)
         eval_set = load_split(
