@@ -18,6 +18,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .codecs import AngleBinCodec, HeatmapCodec
 from .configuration_cmsa import VARIANTS, CMSAConfig
+from .export import export_onnx
 from .image_processing_cmsa import CMSAImageProcessor, CMSAKeypointImageProcessor
 from .modeling_cmsa import (
     CMSAForHeadPoseEstimation,
@@ -77,4 +78,5 @@ __all__ = [
     "HeadPoseEstimationPipeline",
     "KeypointDetectionPipeline",
     "reparameterize_model",
+    "export_onnx",
 ]

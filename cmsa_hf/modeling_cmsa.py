@@ -236,6 +236,7 @@ class CMSAWindowAttention(nn.Module):
         (window_h, window_w), (kv_h, kv_w) = self.window_size, self.kv_window_size
         rows, cols = height // window_h, width // window_w
         heads = self.num_heads
+        channels_last = query.stride(1) < query.stride(3)
 
         # (batch * windows, heads, tokens per window, channels)
         query = query.view(batch, heads, self.key_dim, rows, window_h, cols, window_w)
@@ -246,12 +247,19 @@ class CMSAWindowAttention(nn.Module):
 
         bias = self.attention_bias[:, self.attention_bias_index].to(query.dtype)  # (heads, Nq, Nkv)
         if self.config._attn_implementation == "eager":
-            weights = (query @ key.transpose(-2, -1)) * self.scale + bias
-            context = weights.softmax(dim=-1) @ value
+            # The explicit path, scaling and adding the bias in place (autograd needs neither input of those). On CPU,
+            # SDPA's only kernel for a float mask with key dim != value dim is this same math, plus masking passes.
+            weights = torch.matmul(query, key.transpose(-2, -1)).mul_(self.scale).add_(bias)
+            context = torch.matmul(weights.softmax(dim=-1), value)
         else:
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scale)
 
+        # Back to a (batch, heads * value_dim, H, W) map, laid out as the input was (channels_last stays so, which
+        # spares the projection convolution a layout conversion).
         context = context.view(batch, rows, cols, heads, window_h, window_w, self.value_dim)
+        if channels_last:
+            context = context.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, heads * self.value_dim)
+            return context.permute(0, 3, 1, 2)
         return context.permute(0, 3, 6, 1, 4, 2, 5).reshape(batch, heads * self.value_dim, height, width)
 
 

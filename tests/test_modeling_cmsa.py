@@ -104,9 +104,10 @@ def _naive_window_attention(module: CMSAWindowAttention, query, key_value):
     return out
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("window, ratio", [((8, 6), 2), ((4, 3), 1), ((16, 12), 2)])
-def test_window_attention_matches_a_loop_over_windows(implementation, window, ratio):
+def test_window_attention_matches_a_loop_over_windows(implementation, window, ratio, channels_last):
     config = CMSAConfig(attn_implementation=implementation)
     torch.manual_seed(0)
     module = CMSAWindowAttention(config, num_heads=2, window_size=window, pool_ratio=ratio)
@@ -114,8 +115,27 @@ def test_window_attention_matches_a_loop_over_windows(implementation, window, ra
         module.attention_bias.normal_()
     query = torch.randn(2, 2 * config.key_dim, 16, 12)
     key_value = torch.randn(2, 2 * (config.key_dim + config.value_dim), 16 // ratio, 12 // ratio)
+    expected = _naive_window_attention(module, query, key_value)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     with torch.no_grad():
-        torch.testing.assert_close(module(query, key_value), _naive_window_attention(module, query, key_value))
+        output = module(query.contiguous(memory_format=layout), key_value.contiguous(memory_format=layout))
+    torch.testing.assert_close(output, expected)
+    assert output.is_contiguous(memory_format=layout)  # the layout is kept for the projection that follows
+
+
+def test_channels_last_model_matches_and_trains(tiny):
+    torch.manual_seed(0)
+    model = CMSAForImageClassification(tiny)
+    pixels, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    model.eval()
+    with torch.no_grad():
+        expected = model(pixels).logits
+        model.to(memory_format=torch.channels_last)
+        channels_last = model(pixels.contiguous(memory_format=torch.channels_last)).logits
+        torch.testing.assert_close(channels_last, expected, rtol=1e-4, atol=1e-5)
+    model.train()
+    model(pixels.contiguous(memory_format=torch.channels_last), labels=labels).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_sdpa_and_eager_models_agree(tiny):
