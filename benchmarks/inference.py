@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch._inductor.config
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     LevitConfig,
     LevitModel,
@@ -44,6 +43,7 @@ from transformers import (
 )
 
 from cmsa_hf import CMSAConfig, CMSAForImageClassification, CMSAForKeypointDetection
+from cmsa_hf.hub import count_flops
 
 INPUT_SIZES = [(32, 24), (64, 48), (32, 32)]
 VARIANTS = ["cmsa-s", "cmsa-b", "cmsa-l"]
@@ -68,12 +68,6 @@ class Candidate:
 
     def run(self, batch_size: int):
         return self.runner(batch_size)
-
-
-def count_flops(model: torch.nn.Module, input_size, device) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(pixel_values=torch.randn(1, 3, *input_size, device=device))
-    return counter.get_total_flops()
 
 
 def torch_runner(model, input_size, device, channels_last=False, autocast_dtype=None):
@@ -118,19 +112,15 @@ def onnx_runtime_runner(model, input_size, threads):
     return run
 
 
-def cmsa_config(variant, input_size, attention):
-    return CMSAConfig.from_variant(variant, image_size=input_size, num_labels=100, attn_implementation=attention)
-
-
 def cmsa_candidates(variant, input_size, args, device) -> list[Candidate]:
     """CMSA `variant` on every inference path `args.paths` asks for (the model class follows the input size)."""
     model_class = CMSAForImageClassification if input_size[0] == input_size[1] else CMSAForKeypointDetection
     torch.manual_seed(0)
-    multi_branch = model_class(cmsa_config(variant, input_size, "sdpa")).eval()
+    multi_branch = model_class(CMSAConfig.from_variant(variant, image_size=input_size, num_labels=100)).eval()
     _calibrate_batch_norms(multi_branch)
     reparameterized = copy.deepcopy(multi_branch).reparameterize()
-    train_flops = count_flops(multi_branch, input_size, "cpu")
-    flops = count_flops(reparameterized, input_size, "cpu")
+    train_flops = count_flops(multi_branch)
+    flops = count_flops(reparameterized)
     name = f"CMSA-{variant[-1].upper()}"
 
     def with_attention(model, attention):
@@ -212,7 +202,7 @@ def peer_candidates(input_size, device) -> list[Candidate]:
     for name, model, size, note in peers:
         model.eval()
         candidates.append(
-            Candidate(name, "eager", "peer", model.num_parameters(), count_flops(model, size, "cpu"), size, note,
+            Candidate(name, "eager", "peer", model.num_parameters(), count_flops(model, size), size, note,
                       runner=torch_runner(model, size, device))
         )  # fmt: skip
     return candidates
@@ -457,9 +447,10 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    # The compiled path: inductor with frozen weights, which lets it prepack them and fuse convolutions and linears
-    # with their activations (CPU inference).
-    torch._inductor.config.freezing = True
+    if any("compile" in path for path in args.paths):
+        # Inductor with frozen weights, which lets it prepack them and fuse convolutions and linears with their
+        # activations (CPU inference).
+        torch._inductor.config.freezing = True
     warnings.filterwarnings("ignore")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

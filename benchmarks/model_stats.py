@@ -6,11 +6,14 @@
 import argparse
 import copy
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-from cmsa_hf import CMSAConfig, CMSAForHeadPoseEstimation, CMSAForImageClassification, CMSAForKeypointDetection, CMSAModel
-
+from cmsa_hf import (
+    CMSAConfig,
+    CMSAForHeadPoseEstimation,
+    CMSAForImageClassification,
+    CMSAForKeypointDetection,
+    CMSAModel,
+)
+from cmsa_hf.hub import count_flops
 
 # (model class, config overrides, paper's parameter counts in millions for S / B / L, what the paper reports)
 ROWS = [
@@ -21,13 +24,6 @@ ROWS = [
 ]
 VARIANTS = ["cmsa-s", "cmsa-b", "cmsa-l"]
 POSE_SIZES = [(32, 24), (64, 48), (128, 96)]
-
-
-def count_flops(model: torch.nn.Module, image_size) -> int:
-    """FLOPs of one forward pass on one image (torch's FlopCounterMode: matmuls, convolutions, attention)."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.randn(1, 3, *image_size))
-    return counter.get_total_flops()
 
 
 def main():

@@ -15,10 +15,13 @@ REPARAMETERIZED_SUBFOLDER = "reparameterized"
 UPLOAD_IGNORE_PATTERNS = ["checkpoints/**", "runs/**", "*.tmp", "**/*.tmp/**"]
 
 
-def count_flops(model: torch.nn.Module) -> int:
-    """FLOPs of one forward pass on one image of the model's input size (`torch.utils.flop_counter`)."""
+def count_flops(model: torch.nn.Module, image_size=None) -> int:
+    """FLOPs of one forward pass on one image (`torch.utils.flop_counter`: matmuls, convolutions, attention) of
+    `image_size` (default: the config's). Works for any transformers vision model given an `image_size`."""
     config = model.config
-    pixels = torch.zeros(1, config.num_channels, *config.image_size, device=model.device, dtype=model.dtype)
+    size = tuple(image_size) if image_size is not None else tuple(config.image_size)
+    channels = getattr(config, "num_channels", 3)
+    pixels = torch.zeros(1, channels, *size, device=model.device, dtype=model.dtype)
     was_training = model.training
     model.eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
