@@ -89,7 +89,8 @@ class CMSAConfig(PreTrainedConfig):
         fusion_hidden_ratio (`float`, defaults to 0.5): Width of the fusion head's hidden 1x1 convolution as a
             fraction of the concatenated stage channels (sum C / 2 in the authors' code).
         classifier_dropout (`float`, defaults to 0.0): Dropout before the classification layer.
-        initializer_range (`float`, defaults to 0.02): Std of the truncated normal init of linear layers.
+        initializer_range (`float`, defaults to 0.02): Std of the truncated normal init of linear layers, the
+            attention's output projection included (an `nn.Linear` in the authors' code, a 1x1 conv here).
         keypoint_names (`list[str]`, defaults to COCO's 17): Keypoints predicted by `CMSAForKeypointDetection`,
             one heatmap each, in this order.
         flip_pairs (`list[list[int]]`, defaults to COCO's): Keypoint index pairs that a horizontal flip swaps.
@@ -98,7 +99,8 @@ class CMSAConfig(PreTrainedConfig):
             `CMSAForKeypointDetection`, so that they start near zero like the Gaussian targets' background.
         head_pose_head (`str`, defaults to `"binned"`): Head of `CMSAForHeadPoseEstimation`: `"binned"` (the Hopenet
             form: per angle, logits over bins from the pooled last stage) or `"ssr"` (FSA-Net's soft stage-wise
-            regression over the three pooled stages, a few thousand weights).
+            regression over the three pooled stages, a few thousand weights). The binned head learned faster in
+            the README's AFLW2000 proxy run (held-out MAE 13.6 vs 15.9 degrees).
         head_pose_bins (`int`, defaults to 66) and head_pose_bin_width (`float`, defaults to 3.0): The angle bins
             of the binned head, centred on 0 (66 x 3 degrees cover [-99, 99]).
         head_pose_regression_weight (`float`, defaults to 2.0): alpha in the binned loss CE + alpha * MSE of the

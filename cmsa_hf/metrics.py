@@ -115,6 +115,24 @@ def head_pose_mae(predicted, target) -> dict:
     return {**dict(zip(ANGLE_NAMES, errors.tolist())), "mean": float(errors.mean())}
 
 
+def mirror_sign_agreement(predicted, mirrored, target, min_angle: float = 15.0) -> dict:
+    """How often the mirrored face's prediction has the opposite sign for yaw and roll (the convention: a mirror
+    negates both), over the faces whose true |angle| exceeds `min_angle` degrees. predicted, mirrored, target (N, 3)
+    yaw, pitch, roll. Returns {"yaw": fraction, "roll": fraction} (NaN where no face qualifies)."""
+    predicted, mirrored, target = (np.asarray(a, dtype=np.float64) for a in (predicted, mirrored, target))
+    if not predicted.shape == mirrored.shape == target.shape or predicted.ndim != 2 or predicted.shape[1] != 3:
+        raise ValueError(
+            f"mirror_sign_agreement needs three (N, 3) arrays, got {predicted.shape}, {mirrored.shape}, {target.shape}"
+        )
+    agreement = {}
+    for name in ("yaw", "roll"):
+        index = ANGLE_NAMES.index(name)
+        strong = np.abs(target[:, index]) > min_angle
+        opposite = np.sign(predicted[strong, index]) == -np.sign(mirrored[strong, index])
+        agreement[name] = float(opposite.mean()) if strong.any() else float("nan")
+    return agreement
+
+
 def head_pose_report(results: dict[str, dict]) -> str:
     """The standard table: one row per (model or baseline, test set), MAE of yaw, pitch, roll and their mean."""
     lines = ["| | yaw | pitch | roll | MAE |", "|---|---|---|---|---|"]

@@ -292,7 +292,10 @@ class CMSACascadedAttention(nn.Module):
             CMSAWindowAttention(config, h, window, ratio)
             for h, window, ratio in zip(heads, config.window_sizes(stage), config.kv_pool_ratios[stage])
         )
+        # The authors' output projection is an nn.Linear over channels; a 1x1 conv here (no layout change), marked so
+        # that it gets the Linear init (trunc-normal, std initializer_range): see CMSAPreTrainedModel._init_weights.
         self.proj = nn.Conv2d(sum(heads) * value_dim, dim, 1)
+        self.proj.is_channel_linear = True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         queries, key_values = self.qkv(hidden_states).split(
@@ -503,7 +506,10 @@ class CMSAPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or getattr(module, "is_channel_linear", False):
+            # A 1x1 conv standing for a Linear must start as small as one: with the convolution init (std sqrt(2 /
+            # fan_out), 7x larger) the attention branches amplify the backward gradient (stage 1 of CMSA-S got
+            # 60-600x the last stage's) and training from scratch stalls at predicting the mean.
             init.trunc_normal_(module.weight, std=self.config.initializer_range)
             if module.bias is not None:
                 init.zeros_(module.bias)

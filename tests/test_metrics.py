@@ -5,7 +5,17 @@ import pytest
 import torch
 from conftest import make_coco_keypoints
 
-from cmsa_hf.metrics import coco_keypoint_ap, coco_keypoint_results, object_keypoint_similarity, oks_nms, pck, top_k_accuracy
+from cmsa_hf.metrics import (
+    coco_keypoint_ap,
+    coco_keypoint_results,
+    head_pose_mae,
+    head_pose_report,
+    mirror_sign_agreement,
+    object_keypoint_similarity,
+    oks_nms,
+    pck,
+    top_k_accuracy,
+)
 
 
 def test_top_k_accuracy():
@@ -63,3 +73,24 @@ def test_oks_nms_drops_duplicates_only():
     keep = oks_nms(poses, np.array([0.8, 0.9, 0.7]), np.array([5000.0, 5000.0, 5000.0]))
     assert keep == [1, 2]  # the best of the two near-identical poses, and the distinct one
     assert object_keypoint_similarity(pose, pose[None], 5000.0)[0] == pytest.approx(1.0)
+
+
+def test_head_pose_mae_and_report():
+    target = np.array([[10.0, -5.0, 0.0], [-30.0, 5.0, 20.0]])
+    mae = head_pose_mae(target + np.array([[2.0, -1.0, 0.0], [-4.0, 3.0, 6.0]]), target)
+    assert mae == pytest.approx({"yaw": 3.0, "pitch": 2.0, "roll": 3.0, "mean": 8 / 3})
+    assert "| model | 3.00 | 2.00 | 3.00 | 2.67 |" in head_pose_report({"model": mae})
+    with pytest.raises(ValueError, match=r"\(N, 3\)"):
+        head_pose_mae(target[:, :2], target[:, :2])
+
+
+def test_mirror_sign_agreement_counts_strong_angles_only():
+    target = np.array([[40.0, 0.0, -30.0], [-20.0, 0.0, 5.0], [5.0, 0.0, 25.0]])
+    predicted = np.array([[35.0, 1.0, -10.0], [-15.0, 2.0, 1.0], [3.0, 0.0, 10.0]])
+    mirrored = np.array([[-30.0, 1.0, -4.0], [-2.0, 2.0, 1.0], [3.0, 0.0, -8.0]])
+    # yaw: faces 0 and 1 count (|yaw| > 15), only face 0 flips; roll: faces 0 and 2 count, only face 2 flips.
+    assert mirror_sign_agreement(predicted, mirrored, target) == {"yaw": 0.5, "roll": 0.5}
+    assert mirror_sign_agreement(predicted, -predicted, target) == {"yaw": 1.0, "roll": 1.0}
+    assert np.isnan(mirror_sign_agreement(predicted, mirrored, target, min_angle=90)["yaw"])
+    with pytest.raises(ValueError, match="three"):
+        mirror_sign_agreement(predicted, mirrored[:2], target)

@@ -59,6 +59,7 @@ def test_hub_ready_folder_and_card_hold_the_mae(faces, tiny_head_pose_model, tmp
     values = {m["type"]: m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
     assert values["mae"] == measured["eval_mae"] and values["mae_yaw"] == measured["eval_mae_yaw"]
     assert f"| yaw MAE | {measured['eval_mae_yaw']} |" in card.text and "with flip test" in card.text
+    assert "eval_mirror_opposite_sign_yaw" not in measured and "mirrored faces" not in card.text  # 1 by construction
     assert isinstance(CMSAForHeadPoseEstimation.from_pretrained(tmp_path), CMSAForHeadPoseEstimation)
 
 
@@ -80,7 +81,10 @@ def test_two_processes_train_and_count_every_face_once(faces, tmp_path, head):
     torch.manual_seed(0)
     CMSAForHeadPoseEstimation(tiny_config(head_pose_head=head)).save_pretrained(folder)
     launch_two_processes(SCRIPT, script_args(faces, folder, tmp_path / "out", "--max_train_steps", "2"))
-    assert json.loads((tmp_path / "out" / "all_results.json").read_text())["eval_samples"] == 3
+    measured = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    assert measured["eval_samples"] == 3
+    assert {"eval_mirror_opposite_sign_yaw", "eval_mirror_opposite_sign_roll"} <= measured.keys()
+    assert "mirrored faces whose predicted yaw / roll" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_a_new_model_takes_the_chosen_head(faces, tmp_path):

@@ -25,7 +25,7 @@ from cmsa_hf.configuration_cmsa import HEAD_POSE_HEADS
 from cmsa_hf.data.head_pose import load_300w_lp, load_aflw2000, load_biwi
 from cmsa_hf.data.transforms import HeadPoseTransform
 from cmsa_hf.hub import head_pose_card
-from cmsa_hf.metrics import head_pose_mae, head_pose_report
+from cmsa_hf.metrics import head_pose_mae, head_pose_report, mirror_sign_agreement
 from cmsa_hf.training import (
     add_common_arguments,
     load_or_create_model,
@@ -98,21 +98,27 @@ def load_splits(args) -> dict:
 
 @torch.no_grad()
 def evaluate(accelerator, model, dataloader, args, training_mean: np.ndarray) -> dict:
-    """MAE per angle and mean over the whole split (each face once across processes), and the MAE of always
-    predicting the training mean (the baseline any model must beat)."""
+    """MAE per angle and mean over the whole split (each face once across processes), the MAE of always
+    predicting the training mean (the baseline any model must beat), and, without flip test (which makes it 1 by
+    construction), how often the mirrored face's yaw / roll comes out with the opposite sign."""
     network = accelerator.unwrap_model(model).eval()
-    predictions, labels = [], []
+    predictions, mirrored_predictions, labels = [], [], []
     for batch in dataloader:
         pixel_values = batch["pixel_values"].contiguous(memory_format=memory_format(args))
         angles = network(pixel_values=pixel_values, flip_test=args.flip_test).angles
-        angles, truth = accelerator.gather_for_metrics((angles.float(), batch["labels"]))
+        mirrored = angles if args.flip_test else network(pixel_values=pixel_values.flip(-1)).angles
+        angles, mirrored, truth = accelerator.gather_for_metrics((angles.float(), mirrored.float(), batch["labels"]))
         predictions.append(angles.cpu())
+        mirrored_predictions.append(mirrored.cpu())
         labels.append(truth.cpu())
     predicted, truth = torch.cat(predictions).numpy(), torch.cat(labels).numpy()
     mae = head_pose_mae(predicted, truth)
     baseline = head_pose_mae(np.broadcast_to(training_mean, truth.shape), truth)
     accelerator.print(head_pose_report({"model": mae, "training mean (baseline)": baseline}))
     metrics = {"eval_mae": mae["mean"], **{f"eval_mae_{k}": v for k, v in mae.items() if k != "mean"}}
+    if not args.flip_test:
+        agreement = mirror_sign_agreement(predicted, torch.cat(mirrored_predictions).numpy(), truth)
+        metrics.update({f"eval_mirror_opposite_sign_{k}": v for k, v in agreement.items()})
     metrics = {key: round(value, 4) for key, value in metrics.items()}
     metrics.update(eval_mae_training_mean_baseline=round(baseline["mean"], 4), eval_samples=int(len(truth)))
     return metrics
