@@ -112,6 +112,22 @@ def onnx_runtime_runner(model, input_size, threads):
     return run
 
 
+# The PyTorch inference paths of CMSA: (reparameterized, attention implementation (None: the default; the compiled
+# path takes --compile_attention), channels_last, autocast dtype, torch.compile).
+TORCH_PATHS = {
+    BASELINE_PATH: (False, None, False, None, False),
+    "eager multi-branch, softmax attention": (False, "eager", False, None, False),
+    "reparameterized": (True, None, False, None, False),
+    "reparameterized + channels_last": (True, None, True, None, False),
+    "reparameterized + channels_last + softmax attention": (True, "eager", True, None, False),
+    "reparameterized + channels_last + compile": (True, None, True, None, True),
+    "reparameterized + bf16 autocast": (True, None, True, torch.bfloat16, False),
+    "reparameterized + fp16 autocast": (True, None, True, torch.float16, False),
+}
+ONNX_PATH = "ONNX Runtime"
+ALL_PATHS = [*TORCH_PATHS, ONNX_PATH]
+
+
 def cmsa_candidates(variant, input_size, args, device) -> list[Candidate]:
     """CMSA `variant` on every inference path `args.paths` asks for (the model class follows the input size)."""
     model_class = CMSAForImageClassification if input_size[0] == input_size[1] else CMSAForKeypointDetection
@@ -119,54 +135,28 @@ def cmsa_candidates(variant, input_size, args, device) -> list[Candidate]:
     multi_branch = model_class(CMSAConfig.from_variant(variant, image_size=input_size, num_labels=100)).eval()
     _calibrate_batch_norms(multi_branch)
     reparameterized = copy.deepcopy(multi_branch).reparameterize()
-    train_flops = count_flops(multi_branch)
-    flops = count_flops(reparameterized)
+    flops = {model: count_flops(model) for model in (multi_branch, reparameterized)}  # modules hash by identity
     name = f"CMSA-{variant[-1].upper()}"
 
-    def with_attention(model, attention):
-        model = copy.deepcopy(model)
-        model.config._attn_implementation = attention  # every module reads the (copied) shared config
-        return model
-
-    builders = {
-        BASELINE_PATH: lambda: (multi_branch.num_parameters(), train_flops, torch_runner(copy.deepcopy(multi_branch), input_size, device)),
-        "eager multi-branch, softmax attention": lambda: (
-            multi_branch.num_parameters(), train_flops,
-            torch_runner(with_attention(multi_branch, "eager"), input_size, device),
-        ),
-        "reparameterized": lambda: (reparameterized.num_parameters(), flops, torch_runner(copy.deepcopy(reparameterized), input_size, device)),
-        "reparameterized + channels_last": lambda: (
-            reparameterized.num_parameters(), flops,
-            torch_runner(copy.deepcopy(reparameterized), input_size, device, channels_last=True),
-        ),
-        "reparameterized + channels_last + softmax attention": lambda: (
-            reparameterized.num_parameters(), flops,
-            torch_runner(with_attention(reparameterized, "eager"), input_size, device, channels_last=True),
-        ),
-        "reparameterized + channels_last + compile": lambda: (
-            reparameterized.num_parameters(), flops,
-            torch_runner(torch.compile(with_attention(reparameterized, args.compile_attention)), input_size, device, channels_last=True),
-        ),
-        "reparameterized + bf16 autocast": lambda: (
-            reparameterized.num_parameters(), flops,
-            torch_runner(copy.deepcopy(reparameterized), input_size, device, channels_last=True, autocast_dtype=torch.bfloat16),
-        ),
-        "reparameterized + fp16 autocast": lambda: (
-            reparameterized.num_parameters(), flops,
-            torch_runner(copy.deepcopy(reparameterized), input_size, device, channels_last=True, autocast_dtype=torch.float16),
-        ),
-        "ONNX Runtime": lambda: (reparameterized.num_parameters(), flops, onnx_runtime_runner(multi_branch, input_size, args.threads)),
-    }
     candidates = []
     for path in args.paths:
         if variant not in args.all_paths_variants and path not in args.variant_paths:
             continue
-        if path.endswith("autocast") and device.type != "cuda":
-            continue
-        if path == "ONNX Runtime" and device.type != "cpu":
-            continue
-        parameters, path_flops, runner = builders[path]()
-        candidates.append(Candidate(name, path, "cmsa", parameters, path_flops, input_size, runner=runner))
+        if path == ONNX_PATH:
+            if device.type != "cpu":
+                continue
+            model, runner = reparameterized, onnx_runtime_runner(multi_branch, input_size, args.threads)
+        else:
+            folded, attention, channels_last, autocast_dtype, compiled = TORCH_PATHS[path]
+            if autocast_dtype is not None and device.type != "cuda":
+                continue
+            model = reparameterized if folded else multi_branch
+            copied = copy.deepcopy(model)
+            attention = args.compile_attention if compiled else attention
+            if attention is not None:  # every module reads the (copied) shared config
+                copied.config._attn_implementation = attention
+            runner = torch_runner(torch.compile(copied) if compiled else copied, input_size, device, channels_last, autocast_dtype)
+        candidates.append(Candidate(name, path, "cmsa", model.num_parameters(), flops[model], input_size, runner=runner))
     return candidates
 
 
@@ -359,8 +349,9 @@ def write_outputs(results: dict, output_dir: Path):
     """results.json, results.md (every row), summary.md (the README's table) and the plot."""
     rows, machine, args = results["rows"], results["machine"], results["args"]
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
+    where = machine["cpu"] if args["device"] == "cpu" else f"{machine['device']}; host {machine['cpu']}"
     header = (
-        f"{machine['cpu']} ({args['device']}), {machine['threads']} threads, torch {machine['torch']}; dense fp32 "
+        f"{where} ({args['device']}), {machine['threads']} threads, torch {machine['torch']}; dense fp32 "
         f"matmul {machine['matmul_gflops']:.1f} GFLOP/s; batch {args['batch_size']}; medians of {args['repeats']} "
         "interleaved rounds.\n\n"
     )
@@ -406,19 +397,6 @@ def plot(rows, path: Path):
 # --------------------------------------------------------------------------------------------------- main
 
 
-ALL_PATHS = [
-    BASELINE_PATH,
-    "eager multi-branch, softmax attention",
-    "reparameterized",
-    "reparameterized + channels_last",
-    "reparameterized + channels_last + softmax attention",
-    "reparameterized + channels_last + compile",
-    "reparameterized + bf16 autocast",
-    "reparameterized + fp16 autocast",
-    "ONNX Runtime",
-]
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -430,7 +408,7 @@ def parse_args(argv=None):
         "--all_paths_variants", nargs="+", default=["cmsa-b"], help="Variants timed on every path (the others on --variant_paths)."
     )
     parser.add_argument(
-        "--variant_paths", nargs="+", default=[BASELINE_PATH, "reparameterized", "reparameterized + channels_last", "ONNX Runtime"]
+        "--variant_paths", nargs="+", default=[BASELINE_PATH, "reparameterized", "reparameterized + channels_last", ONNX_PATH]
     )
     parser.add_argument("--compile_attention", default="eager", choices=["eager", "sdpa"], help="Attention for the compiled path.")
     parser.add_argument("--no_peers", action="store_true")
