@@ -9,7 +9,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from torch.utils.flop_counter import FlopCounterMode
 
 
-MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+MODEL_CARDS_DIR = Path(__file__).resolve().parent / "model_cards"  # package data: ships in the wheel
 REPARAMETERIZED_SUBFOLDER = "reparameterized"
 # Never uploaded: resumable training states and tracker logs.
 UPLOAD_IGNORE_PATTERNS = ["checkpoints/**", "runs/**", "*.tmp", "**/*.tmp/**"]
@@ -43,7 +43,7 @@ def model_facts(model) -> dict:
 def _template(name: str) -> str:
     path = MODEL_CARDS_DIR / name
     if not path.is_file():
-        raise FileNotFoundError(f"Model card template {path} not found (templates live in the repository's model_cards/)")
+        raise FileNotFoundError(f"Model card template {path} not found (templates are package data in cmsa_hf/model_cards/)")
     return str(path)
 
 

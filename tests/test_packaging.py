@@ -1,0 +1,113 @@
+"""What `pip install cmsa_hf` gives: the wheel built from this tree, installed non-editable into a fresh virtual
+environment, trains each task to its Hub-ready folder from outside the source tree.
+
+The fresh environment holds only the wheel; its dependencies come from this test run's environment through a
+`.pth` line (a path entry, so the editable install's finder there is not loaded), which keeps the test offline and
+fast while every `cmsa_hf` import resolves to the installed wheel."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, make_aflw2000, make_coco_keypoints, tiny_config
+
+from cmsa_hf import CMSAForHeadPoseEstimation, CMSAForImageClassification, CMSAForKeypointDetection
+
+
+NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "outputs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs")
+
+
+# Nothing on the path but the fresh environment's own site-packages (and, through it, the dependencies).
+CLEAN_ENV = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"} | {
+    "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"
+}  # fmt: skip
+
+
+def run(command, **kwargs):
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=CLEAN_ENV, **kwargs)
+    assert result.returncode == 0, f"{' '.join(map(str, command))}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    source = tmp_path_factory.mktemp("source") / "cmsa_hf"
+    shutil.copytree(REPO_ROOT, source, ignore=NOT_SOURCE)
+    dist = tmp_path_factory.mktemp("dist")
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(source)])
+    (path,) = dist.glob("cmsa_hf-*.whl")
+    return path
+
+
+@pytest.fixture(scope="module")
+def installed_python(wheel, tmp_path_factory):
+    """A fresh venv with the wheel installed (not editable); returns its interpreter."""
+    venv = tmp_path_factory.mktemp("venv") / "fresh"
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    python = venv / "bin" / "python"
+    run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)])
+    site = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    (site / "_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
+def test_wheel_holds_the_package_data(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    for template in ("image_classification.md", "keypoint_detection.md", "head_pose.md"):
+        assert f"cmsa_hf/model_cards/{template}" in names
+    assert not any(name.startswith(("tests/", "examples/", "model_cards/")) for name in names)
+
+
+def test_installed_package_is_the_wheel(installed_python, tmp_path):
+    location = run([str(installed_python), "-c", "import cmsa_hf; print(cmsa_hf.__file__)"], cwd=tmp_path).stdout
+    assert Path(location.strip()).resolve().is_relative_to(installed_python.parent.parent.resolve())
+    console_script = installed_python.parent / "cmsa-hf"
+    assert "publish" in run([str(console_script), "--help"], cwd=tmp_path).stdout
+
+
+def tiny_model(model_class, folder: Path) -> Path:
+    torch.manual_seed(0)
+    model_class(tiny_config(**({"num_labels": 10} if model_class is CMSAForImageClassification else {}))).save_pretrained(folder)
+    return folder
+
+
+def task_runs(root: Path):
+    """(script, arguments) of a two-step run of each task on tiny data."""
+    annotation_file = make_coco_keypoints(root / "coco", num_images=4)
+    faces = make_aflw2000(root / "AFLW2000", count=6)
+    common = ["--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--num_warmup_steps", "1",
+              "--max_train_steps", "2", "--learning_rate", "1e-3"]  # fmt: skip
+    yield "image-classification/run_classification.py", [
+        "--dataset_name", "digits", "--model_name_or_path", str(tiny_model(CMSAForImageClassification, root / "cls")),
+        "--image_size", "16", "16", "--output_dir", str(root / "out-classification"), *common,
+    ]  # fmt: skip
+    yield "keypoint-detection/run_keypoints.py", [
+        "--train_annotation_file", str(annotation_file), "--train_image_dir", str(root / "coco" / "images"),
+        "--model_name_or_path", str(tiny_model(CMSAForKeypointDetection, root / "pose")), "--image_size", "16", "16",
+        "--output_dir", str(root / "out-keypoints"), *common,
+    ]  # fmt: skip
+    yield "head-pose/run_head_pose.py", [
+        "--train_data", str(faces), "--train_format", "aflw2000", "--validation_split_size", "3",
+        "--model_name_or_path", str(tiny_model(CMSAForHeadPoseEstimation, root / "head")), "--image_size", "16", "16",
+        "--output_dir", str(root / "out-head-pose"), *common,
+    ]  # fmt: skip
+
+
+def test_each_task_trains_to_a_hub_ready_folder_from_the_wheel(installed_python, tmp_path):
+    # The scripts are copied out of the source tree so that nothing can import the repository's cmsa_hf.
+    examples = tmp_path / "examples"
+    shutil.copytree(REPO_ROOT / "examples", examples, ignore=NOT_SOURCE)
+    for script, arguments in task_runs(tmp_path):
+        run([str(installed_python), str(examples / script), *arguments], cwd=tmp_path)
+        output_dir = Path(arguments[arguments.index("--output_dir") + 1])
+        for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "all_results.json"):
+            assert (output_dir / name).is_file(), f"{script}: {name}"
+        assert json.loads((output_dir / "all_results.json").read_text()), script
+        assert "model-index" in (output_dir / "README.md").read_text(), script
