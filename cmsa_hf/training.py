@@ -4,6 +4,7 @@ and evaluation.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -22,6 +24,9 @@ from transformers import get_scheduler
 from .configuration_cmsa import CMSAConfig
 from .hub import write_hub_folder
 from .publish import publish
+
+
+logger = get_logger(__name__)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, **defaults):
@@ -65,10 +70,16 @@ def add_common_arguments(parser: argparse.ArgumentParser, **defaults):
     group.add_argument(
         "--checkpointing_steps", type=str, default=None, help="Save a resumable state every N optimizer steps, or 'epoch'."
     )
-    group.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the newest N checkpoints.")
+    group.add_argument(
+        "--checkpoints_total_limit", type=int, default=2, help="Keep the newest N complete checkpoints (N >= 1)."
+    )
     group.add_argument(
         "--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder, or 'latest' in output_dir."
     )
+    group.add_argument(
+        "--overwrite_output_dir", action="store_true",
+        help="Start a new run in an output_dir that holds another run's checkpoints (deletes them).",
+    )  # fmt: skip
     group.add_argument("--with_tracking", action="store_true", help="Log metrics to the trackers of --report_to.")
     group.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, ... or 'all'.")
     group.add_argument("--reparameterize_on_save", action="store_true", help="Also write a folded inference copy.")
@@ -199,45 +210,161 @@ def make_optimizer_and_scheduler(model, args, steps_per_epoch: int):
     return optimizer, scheduler, total_steps
 
 
+def prepare_output_dir(accelerator: Accelerator, args):
+    """Create `output_dir` and keep its checkpoints to one run.
+
+    A run that does not continue them (no `--resume_from_checkpoint`, or one outside `output_dir/checkpoints`)
+    refuses to start beside another run's checkpoints; `--overwrite_output_dir` deletes them first."""
+    checkpoints = CheckpointManager(accelerator, args.output_dir)
+    resume = args.resume_from_checkpoint
+    continues = resume == "latest" or (resume is not None and Path(resume).resolve().parent == checkpoints.folder.resolve())
+    if continues and args.overwrite_output_dir:
+        raise ValueError(
+            f"--overwrite_output_dir would delete the checkpoints that --resume_from_checkpoint {resume} continues "
+            f"from; pass one of the two"
+        )
+    existing = [] if continues else [path.name for path in checkpoints.existing()]
+    if existing and not args.overwrite_output_dir:
+        raise FileExistsError(
+            f"{checkpoints.folder} already holds the checkpoints of another run ({', '.join(existing)}). Continue "
+            f"that run with --resume_from_checkpoint latest, start over with --overwrite_output_dir (deletes them), "
+            f"or choose another --output_dir"
+        )
+    accelerator.wait_for_everyone()  # every process has looked before the main one deletes
+    if existing and accelerator.is_main_process:
+        shutil.rmtree(checkpoints.folder)
+        accelerator.print(f"--overwrite_output_dir: deleted the previous run's checkpoints ({', '.join(existing)})")
+    accelerator.wait_for_everyone()
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class CheckpointManager:
-    """Resumable states in `output_dir/checkpoints/<name>`, written atomically (a crash mid-save leaves the
-    previous checkpoint as the latest), at most `total_limit` kept."""
+    """Resumable states in `output_dir/checkpoints/<name>`, of one run; a crash at any point keeps the previous one.
+
+    A checkpoint is written to `<name>.tmp` and renamed into place once complete; its last file is a manifest of
+    every file's size and sha256 and its write order (`sequence`), checked before use. Re-saving a name swaps
+    atomically: the old folder is renamed to `<name>.old`, the new one into place, then the old one deleted (a crash
+    between the renames is undone by the next save or resume). `latest` is the most recently written complete
+    checkpoint: damaged ones are skipped with a warning naming the file. Rotation keeps the newest `total_limit`
+    complete checkpoints; damaged ones are neither counted nor deleted (a save of the same name replaces them).
+    """
 
     STATE_FILE = "training_state.json"
+    MANIFEST = "checkpoint_manifest.json"
+    PARTIAL, ASIDE = ".tmp", ".old"
 
     def __init__(self, accelerator: Accelerator, output_dir: str, total_limit: int | None = 2):
+        if total_limit is not None and total_limit < 1:
+            raise ValueError(f"--checkpoints_total_limit must be at least 1 (complete checkpoints kept), got {total_limit}")
         self.accelerator = accelerator
         self.folder = Path(output_dir) / "checkpoints"
         self.total_limit = total_limit
 
-    def complete(self) -> list[Path]:
+    def existing(self) -> list[Path]:
+        """Every checkpoint folder, complete or not (interrupted `.tmp` writes excluded)."""
         if not self.folder.is_dir():
             return []
-        done = [p for p in self.folder.iterdir() if (p / self.STATE_FILE).is_file() and not p.name.endswith(".tmp")]
-        return sorted(done, key=lambda p: json.loads((p / self.STATE_FILE).read_text())["completed_steps"])
+        return sorted(p for p in self.folder.iterdir() if p.is_dir() and not p.name.endswith(self.PARTIAL))
+
+    def problem(self, path: Path, check_contents: bool = True) -> str | None:
+        """Why `path` is not a complete checkpoint, naming the file, or None. Without `check_contents` only the file
+        sizes are compared with the manifest, not the sha256 sums."""
+        manifest_file = path / self.MANIFEST
+        if not manifest_file.is_file():
+            return f"{manifest_file} is missing (the save did not finish, or this is no cmsa_hf checkpoint)"
+        try:
+            manifest = json.loads(manifest_file.read_text())
+            files, sequence = dict(manifest["files"]), int(manifest["sequence"])
+            if sequence < 1:
+                raise ValueError(f"sequence {sequence}")
+        except (ValueError, KeyError, TypeError) as error:
+            return f"{manifest_file} is unreadable ({type(error).__name__}: {error})"
+        for name, expected in files.items():
+            file = path / name
+            if not file.is_file():
+                return f"{file} is missing"
+            if file.stat().st_size != expected["size"]:
+                return f"{file} has {file.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)"
+            if check_contents and _sha256(file) != expected["sha256"]:
+                return f"{file} is not the file saved (its sha256 differs from the manifest's)"
+        return None
+
+    def _sequence(self, path: Path) -> int:
+        return int(json.loads((path / self.MANIFEST).read_text())["sequence"])
+
+    def complete(self, check_contents: bool = False) -> list[Path]:
+        """The complete checkpoints, oldest first in write order."""
+        return sorted((p for p in self.existing() if self.problem(p, check_contents) is None), key=self._sequence)
+
+    def _tidy(self):
+        """Main process: drop interrupted writes and finish (or undo) an interrupted swap."""
+        for path in self.folder.glob(f"*{self.PARTIAL}"):
+            shutil.rmtree(path, ignore_errors=True)
+        for aside in self.folder.glob(f"*{self.ASIDE}"):
+            final = aside.with_name(aside.name[: -len(self.ASIDE)])
+            if final.exists():
+                self._delete(aside)
+            else:
+                os.replace(aside, final)
+
+    def _delete(self, path: Path):
+        """Rename to `.tmp` first, so that a crash mid-deletion leaves nothing that looks like a checkpoint."""
+        doomed = path.with_name(path.name + self.PARTIAL)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
 
     def save(self, name: str, state: dict):
-        final, partial = self.folder / name, self.folder / f"{name}.tmp"
-        if self.accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
+        final = self.folder / name
+        partial, aside = final.with_name(name + self.PARTIAL), final.with_name(name + self.ASIDE)
+        if self.accelerator.is_main_process and self.folder.is_dir():
+            self._tidy()
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(partial))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             (partial / self.STATE_FILE).write_text(json.dumps(state))
-            shutil.rmtree(final, ignore_errors=True)
+            files = sorted(p for p in partial.rglob("*") if p.is_file())
+            sequence = 1 + max(map(self._sequence, self.complete()), default=0)
+            entries = {p.relative_to(partial).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+            (partial / self.MANIFEST).write_text(json.dumps({"sequence": sequence, "files": entries}, indent=1))
+            if final.exists():
+                os.replace(final, aside)
             os.replace(partial, final)
+            if aside.exists():
+                self._delete(aside)
             for old in self.complete()[: -self.total_limit] if self.total_limit else []:
-                shutil.rmtree(old, ignore_errors=True)
+                self._delete(old)
         self.accelerator.wait_for_everyone()
 
     def resolve(self, value: str) -> Path | None:
+        """The checkpoint to resume from: `value` itself (an error naming the damaged file if it is not complete) or,
+        for 'latest', the most recently written complete one, with a warning for each damaged one skipped (None when
+        the folder holds no checkpoint; an error when it holds only damaged ones)."""
+        if self.accelerator.is_main_process and self.folder.is_dir():
+            self._tidy()
+        self.accelerator.wait_for_everyone()
         if value != "latest":
-            path = Path(value)
-            if not (path / self.STATE_FILE).is_file():
-                raise FileNotFoundError(f"{value} is not a complete cmsa_hf checkpoint (no {self.STATE_FILE})")
-            return path
-        complete = self.complete()
+            if (problem := self.problem(Path(value))) is not None:
+                raise ValueError(f"{value} is not a complete cmsa_hf checkpoint: {problem}")
+            return Path(value)
+        problems = {path: self.problem(path) for path in self.existing()}
+        damaged = [f"{path.name}: {problem}" for path, problem in problems.items() if problem is not None]
+        complete = sorted((path for path, problem in problems.items() if problem is None), key=self._sequence)
+        if damaged and not complete:
+            raise ValueError(
+                f"No complete checkpoint in {self.folder} to resume from ({'; '.join(damaged)}). Start over without "
+                f"--resume_from_checkpoint, with --overwrite_output_dir"
+            )
+        for line in damaged:
+            logger.warning(f"Skipping the damaged checkpoint {line}; resuming from {complete[-1].name} (newest complete)")
         return complete[-1] if complete else None
 
     def load(self, path: Path) -> dict:

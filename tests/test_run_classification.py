@@ -3,6 +3,7 @@ the Hub-ready folder and its card, publishing (HfApi patched), bad data."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,11 +69,20 @@ def run_script(args, **kwargs):
     return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, **kwargs)
 
 
-def test_kill_and_resume_gives_the_same_weights(data, tiny_model, tmp_path):
-    common = ["--max_train_steps", "12", "--checkpointing_steps", "1", "--checkpoints_total_limit", "3"]
-    reference = run_script(script_args(data, tiny_model, tmp_path / "uninterrupted", *common), timeout=600)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+RESUMABLE = ["--max_train_steps", "12", "--checkpointing_steps", "1", "--checkpoints_total_limit", "3"]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tiny_model, tmp_path_factory):
+    """The output folder of an uninterrupted 12-step run, checkpointed every step (steps 10-12 kept)."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    reference = run_script(script_args(data, tiny_model, output_dir, *RESUMABLE), timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    return output_dir
+
+
+def test_kill_and_resume_gives_the_same_weights(data, tiny_model, uninterrupted, tmp_path):
+    common = RESUMABLE
     killed_dir = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
@@ -90,12 +100,55 @@ def test_kill_and_resume_gives_the_same_weights(data, tiny_model, tmp_path):
     resumed = run_script(script_args(data, tiny_model, killed_dir, *common, "--resume_from_checkpoint", "latest"), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stdout
-    expected = load_file(tmp_path / "uninterrupted" / "model.safetensors")
-    actual = load_file(killed_dir / "model.safetensors")
+    assert_same_weights(killed_dir, uninterrupted)
+    assert len(list((killed_dir / "checkpoints").iterdir())) <= 3
+
+
+def assert_same_weights(output_dir, reference_dir):
+    expected = load_file(reference_dir / "model.safetensors")
+    actual = load_file(output_dir / "model.safetensors")
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(actual[name], expected[name]), name
-    assert len(list((killed_dir / "checkpoints").iterdir())) <= 3
+
+
+def test_resume_skips_damaged_checkpoints_and_stays_exact(data, tiny_model, uninterrupted, tmp_path):
+    """An unreadable training_state.json in the newest checkpoint and a truncated model.safetensors in the one
+    before: 'latest' warns naming both files, resumes from step 10 and still ends on the uninterrupted weights."""
+    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / "step_12" / "training_state.json").write_text('{"completed_st')
+    truncated = tmp_path / "checkpoints" / "step_11" / "model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    resumed = run_script(script_args(data, tiny_model, tmp_path, *RESUMABLE, "--resume_from_checkpoint", "latest"), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for step, file in ((12, "training_state.json"), (11, "model.safetensors")):
+        damaged = tmp_path / "checkpoints" / f"step_{step}" / file
+        assert f"Skipping the damaged checkpoint step_{step}: {damaged}" in resumed.stderr
+    assert f"Resumed from {tmp_path / 'checkpoints' / 'step_10'} at step 10" in resumed.stdout
+    assert_same_weights(tmp_path, uninterrupted)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_10", "step_11", "step_12"]
+
+    with pytest.raises(FileExistsError, match="--overwrite_output_dir"):  # the same command without the resume
+        run_classification.main(script_args(data, tiny_model, tmp_path, *RESUMABLE))
+
+
+def test_a_new_run_into_another_runs_checkpoints_refuses_or_overwrites(data, tiny_model, uninterrupted, tmp_path):
+    """The issue's case: a new 2-step run into a folder with a 12-step run's checkpoints. It stops before training
+    with a message naming the folder; with --overwrite_output_dir 'latest' is the new run's step_2."""
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(uninterrupted / "checkpoints", folder)
+    new_run = script_args(data, tiny_model, tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "1", "--seed", "1")
+    refusal = rf"{folder} already holds the checkpoints of another run \(step_10, step_11, step_12\)"
+    with pytest.raises(FileExistsError, match=refusal):
+        run_classification.main(new_run)
+    assert sorted(p.name for p in folder.iterdir()) == ["step_10", "step_11", "step_12"]
+
+    run_classification.main([*new_run, "--overwrite_output_dir"])
+    assert sorted(p.name for p in folder.iterdir()) == ["step_1", "step_2"]
+    state = json.loads((folder / "step_2" / "training_state.json").read_text())
+    assert state["completed_steps"] == 2
+    final, checkpointed = load_file(tmp_path / "model.safetensors"), load_file(folder / "step_2" / "model.safetensors")
+    assert all(torch.equal(final[name], checkpointed[name]) for name in final)
 
 
 def test_two_processes_count_every_eval_sample_once(data, tiny_model, tmp_path):

@@ -32,6 +32,7 @@ from cmsa_hf.training import (
     make_accelerator,
     make_train_dataloader,
     memory_format,
+    prepare_output_dir,
     prepare_training,
     recipe_hyperparameters,
     finish_run,
@@ -128,7 +129,7 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = make_accelerator(args)
     set_seed(args.seed)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(accelerator, args)
 
     model = load_or_create_model(
         CMSAForHeadPoseEstimation, args, head_pose_head=args.head, head_pose_regression_weight=args.regression_weight

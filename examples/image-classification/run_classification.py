@@ -30,6 +30,7 @@ from cmsa_hf.training import (
     make_accelerator,
     make_train_dataloader,
     memory_format,
+    prepare_output_dir,
     prepare_training,
     recipe_hyperparameters,
     finish_run,
@@ -141,7 +142,7 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = make_accelerator(args)
     set_seed(args.seed)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(accelerator, args)
 
     with accelerator.main_process_first():
         splits, names = load_and_prepare(args)

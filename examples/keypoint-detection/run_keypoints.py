@@ -36,6 +36,7 @@ from cmsa_hf.training import (
     make_accelerator,
     make_train_dataloader,
     memory_format,
+    prepare_output_dir,
     prepare_training,
     recipe_hyperparameters,
     finish_run,
@@ -169,8 +170,8 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = make_accelerator(args)
     set_seed(args.seed)
+    prepare_output_dir(accelerator, args)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     model, processor = load_model(args)
     model.to(memory_format=memory_format(args))
