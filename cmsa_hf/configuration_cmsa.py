@@ -39,6 +39,16 @@ COCO_SKELETON = (
 )  # fmt: skip
 
 
+def _tasks_served_remotely(custom_pipelines: dict) -> dict:
+    """The saved `custom_pipelines` entries (remote pipeline code, for users without cmsa_hf) minus the tasks this
+    environment already has a pipeline for: with cmsa_hf imported, `pipeline("keypoint-detection", model=folder)`
+    then takes the installed implementation and asks for no `trust_remote_code`. `save_pretrained` of a model
+    writes the full entry again."""
+    from transformers.pipelines import PIPELINE_REGISTRY  # noqa: PLC0415
+
+    return {task: entry for task, entry in custom_pipelines.items() if task not in PIPELINE_REGISTRY.supported_tasks}
+
+
 def _pair(value) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
@@ -156,6 +166,8 @@ class CMSAConfig(PreTrainedConfig):
         self._validate_architecture()
         self._validate_keypoints()
         self._validate_head_pose()
+        if remote_pipelines := _tasks_served_remotely(kwargs.pop("custom_pipelines", None) or {}):
+            kwargs["custom_pipelines"] = remote_pipelines
         super().__post_init__(**kwargs)
 
     @classmethod

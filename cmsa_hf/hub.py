@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -47,9 +48,13 @@ def _template(name: str) -> str:
     return str(path)
 
 
-def image_classification_card(model, results: dict, *, eval_split_description: str, **run) -> ModelCard:
+def image_classification_card(
+    model, results: dict, *, eval_split_description: str,
+    training_script: str = "examples/image-classification/run_classification.py (Accelerate)", **run,
+) -> ModelCard:  # fmt: skip
     """The card of a trained classifier; every number comes from `results` (all_results.json) or the model.
-    `run`: dataset_name, dataset_description, hyperparameters, repo_id, base_model, has_reparameterized."""
+    `run`: dataset_name, dataset_description, hyperparameters, repo_id, base_model, has_reparameterized,
+    hub_dataset_id."""
     config = model.config
     return _task_card(
         "image_classification.md",
@@ -58,10 +63,15 @@ def image_classification_card(model, results: dict, *, eval_split_description: s
         task="image-classification",
         tags=["image-classification"],
         metric_id="accuracy",
-        metrics={"accuracy": ("accuracy", "top-1 accuracy")},
+        metrics={
+            "accuracy": ("accuracy", "top-1 accuracy"),
+            "top5_accuracy": ("top-5-accuracy", "top-5 accuracy"),
+            "loss": ("cross-entropy", "cross-entropy loss"),
+        },
         num_labels=config.num_labels,
         label_names=", ".join(config.id2label[i] for i in range(config.num_labels)),
         eval_split_description=eval_split_description,
+        training_script=training_script,
         train_samples=results["train_samples"],
         eval_samples=results["eval_samples"],
         **run,
@@ -115,8 +125,28 @@ def head_pose_card(model, results: dict, *, eval_description: str, **run) -> Mod
     )
 
 
-# Hub pipeline tags of the tasks that have one (head pose has none).
+# Hub pipeline tags of the tasks that have one (head pose has none), and the tasks' names in the model-index.
 PIPELINE_TAGS = {"image-classification": "image-classification", "keypoint-detection": "keypoint-detection"}
+TASK_NAMES = {
+    "image-classification": "Image Classification",
+    "keypoint-detection": "Keypoint Detection (human pose)",
+    "head-pose-estimation": "Head Pose Estimation",
+}
+# The card's usage snippets name the repository as `from_pretrained("<repo>"` and `model="<repo>"`.
+_SNIPPET_REPO = re.compile(r'(?:from_pretrained\(|model=)"([^"]+)"')
+
+
+def card_for_repo(card: ModelCard, repo_id: str) -> ModelCard:
+    """A copy of `card` whose title, model name and usage snippets name `repo_id` (a training script writes the
+    card before the repository is known, naming `--hub_model_id` or the output folder)."""
+    card = ModelCard(card.content)
+    name = repo_id.split("/")[-1]
+    found = _SNIPPET_REPO.search(card.text)
+    if found is not None:
+        old = found.group(1)
+        card.text = card.text.replace(f'"{old}"', f'"{repo_id}"').replace(f"# {old.split('/')[-1]}\n", f"# {name}\n", 1)
+    card.data.model_name = name
+    return card
 
 
 def _task_card(
@@ -132,23 +162,27 @@ def _task_card(
     repo_id: str,
     base_model: str | None = None,
     eval_split: str = "validation",
+    hub_dataset_id: str | None = None,
     **fields,
 ) -> ModelCard:
     """Card metadata (the headline metric `metric_id`; model-index entries `metrics`: result key -> (metric type,
-    name), values `results["eval_" + key]`, measured on the `eval_split` of `dataset_name`) and the template filled with what every card shows (name, variant, size, cost) plus `fields`."""
+    name), values `results["eval_" + key]`, measured on the `eval_split` of `dataset_name`) and the template filled
+    with what every card shows (name, variant, size, cost) plus `fields`. `datasets:` links the Hub data set
+    `hub_dataset_id` when the data has one; a local data set's name stays out of it (it would link nowhere)."""
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag=PIPELINE_TAGS.get(task),
         license="apache-2.0",
         tags=["cmsa", "low-resolution", *tags, "vision"],
-        datasets=[dataset_name],
+        datasets=[hub_dataset_id] if hub_dataset_id else None,
         metrics=[metric_id],
         base_model=base_model,
         model_name=repo_id.split("/")[-1],
         eval_results=[
             EvalResult(
                 task_type=task,
-                dataset_type=dataset_name,
+                task_name=TASK_NAMES[task],
+                dataset_type=hub_dataset_id or dataset_name,
                 dataset_name=dataset_name,
                 dataset_split=eval_split,
                 metric_type=metric_type,

@@ -187,6 +187,29 @@ class CMSAImageProcessor(PilBackend):
         coordinates, scores = self.heatmap_codec(heatmaps.shape[-2:]).decode(heatmaps.detach().float().cpu())
         return self.crop_keypoints_to_image(coordinates, scores, boxes, image_sizes)
 
+    def post_process_pose_estimation(self, outputs, boxes, threshold: float | None = None) -> list[list[dict]]:
+        """`post_process_keypoint_detection` in the output form of transformers' VitPose processor, so that code
+        written for `VitPoseForPoseEstimation` runs on CMSA: per image, per box `keypoints` (K', 2) (x, y), `scores`
+        (K',), `labels` (K',) integer keypoint ids and `bbox` (4,) as (x1, y1, x2, y2). Boxes go in as COCO
+        [x, y, width, height] in image pixels (as VitPose's); `threshold` keeps keypoints scoring above it."""
+        results = []
+        for image_poses in self.post_process_keypoint_detection(outputs, boxes):
+            per_image = []
+            for pose in image_poses:
+                labels = torch.arange(len(pose["scores"]))
+                keep = pose["scores"] > threshold if threshold is not None else torch.ones_like(labels, dtype=torch.bool)
+                x, y, width, height = (float(v) for v in pose["bbox"])
+                per_image.append(
+                    {
+                        "keypoints": pose["keypoints"][keep],
+                        "scores": pose["scores"][keep],
+                        "labels": labels[keep],
+                        "bbox": torch.tensor([x, y, x + width, y + height]),
+                    }
+                )
+            results.append(per_image)
+        return results
+
     def crop_keypoints_to_image(self, coordinates, scores, boxes, image_sizes=None) -> list[list[dict]]:
         """Keypoints decoded in crop pixels ((total boxes, K, 2), `HeatmapCodec.decode`) -> per image, per box
         dicts in image coordinates (see `post_process_keypoint_detection`)."""

@@ -7,6 +7,7 @@ code (github.com/xyongLu/CMSA, `models/cmasformer.py`); see `configuration_cmsa.
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
 from transformers.utils import ModelOutput
@@ -535,11 +537,39 @@ class CMSAPreTrainedModel(PreTrainedModel):
             init.copy_(module.attention_bias_index, module.relative_bias_index())
 
 
+    # What a saved folder answers to without cmsa_hf installed (`trust_remote_code=True`), beside the Auto class the
+    # model class itself is registered for: more Auto classes (name -> model class in this file), and the pipeline
+    # task whose cmsa_hf implementation is copied into the folder as `custom_pipelines` (tasks transformers serves
+    # itself, such as image-classification, need no copy).
+    extra_auto_classes: dict[str, str] = {}
+    pipeline_task: str | None = None
+
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained` with the config's `auto_map` rebuilt for this class: a model fine-tuned
-        from another task's checkpoint would otherwise also point the other task's Auto class at remote code."""
-        self.config.auto_map = None
+        """`PreTrainedModel.save_pretrained` with the config's `auto_map` and `custom_pipelines` rebuilt for this
+        class (a model fine-tuned from another task's checkpoint would otherwise keep the other task's entries)."""
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        self.config.auto_map = {auto: f"{module}.{name}" for auto, name in self.extra_auto_classes.items()}
+        custom_pipelines = self._custom_pipelines(save_directory)
+        if custom_pipelines:
+            self.config.custom_pipelines = custom_pipelines
+        elif hasattr(self.config, "custom_pipelines"):
+            del self.config.custom_pipelines
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _custom_pipelines(self, save_directory) -> dict:
+        """The `custom_pipelines` entry of `pipeline_task` (as `Pipeline.save_pretrained` writes it), its code copied
+        into `save_directory`; empty when the task's pipeline is transformers' own or not registered here."""
+        from transformers.pipelines import PIPELINE_REGISTRY  # noqa: PLC0415
+
+        registered = PIPELINE_REGISTRY.supported_tasks.get(self.pipeline_task) or {}
+        implementation = registered.get("impl")
+        if not isinstance(implementation, type) or implementation.__module__.startswith("transformers.") or self._auto_class is None:
+            return {}
+        os.makedirs(save_directory, exist_ok=True)
+        custom_object_save(implementation, save_directory)
+        reference = f"{implementation.__module__.rsplit('.', 1)[-1]}.{implementation.__name__}"
+        # The model is loaded remotely through the Auto class this class is exported under.
+        return {self.pipeline_task: {"impl": reference, "pt": [self._auto_class], "type": registered.get("type", "image")}}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -586,11 +616,14 @@ class CMSAModel(CMSAPreTrainedModel):
     Returns `last_hidden_state` = the fused map (batch, sum C, H1, W1) at stage-1 resolution, `pooler_output` =
     its spatial mean (batch, sum C), and `hidden_states` = the stage outputs (batch, C_i, H1 / 2^i, W1 / 2^i).
     With `add_fusion_layer=False` (heads that read the stages themselves) there is no fusion: `last_hidden_state`
-    is the last stage's output and `pooler_output` its spatial mean.
+    is the last stage's output and `pooler_output` its spatial mean. By default the fusion is built unless the
+    config comes from a head-pose checkpoint (`architectures`), whose backbone has none.
     """
 
-    def __init__(self, config: CMSAConfig, add_fusion_layer: bool = True):
+    def __init__(self, config: CMSAConfig, add_fusion_layer: bool | None = None):
         super().__init__(config)
+        if add_fusion_layer is None:  # the backbone of a head-pose checkpoint (AutoModel) has no fusion weights
+            add_fusion_layer = (config.architectures or [None])[0] != "CMSAForHeadPoseEstimation"
         rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
         bounds = [sum(config.depths[:i]) for i in range(config.num_stages + 1)]
         self.stages = nn.ModuleList(
@@ -634,6 +667,9 @@ class CMSAModel(CMSAPreTrainedModel):
 
 class CMSAForImageClassification(CMSAPreTrainedModel):
     """CMSAModel -> fusion neck (Conv1x1 + BN + activation) -> global average pool -> dropout -> linear."""
+
+    extra_auto_classes = {"AutoModel": "CMSAModel"}
+    pipeline_task = "image-classification"
 
     def __init__(self, config: CMSAConfig):
         super().__init__(config)
@@ -736,6 +772,9 @@ class CMSAHeatmapHead(nn.Module):
 class CMSAForKeypointDetection(CMSAPreTrainedModel):
     """Top-down human pose: CMSAModel -> heatmap head, one heatmap per keypoint of `config.keypoint_names` at the
     stage-1 resolution (32x24 for 32x24 crops). Decode them with `HeatmapCodec` or the keypoint image processor."""
+
+    extra_auto_classes = {"AutoModel": "CMSAModel", "AutoModelForPoseEstimation": "CMSAForKeypointDetection"}
+    pipeline_task = "keypoint-detection"
 
     def __init__(self, config: CMSAConfig):
         super().__init__(config)
@@ -869,6 +908,8 @@ HEAD_POSE_HEAD_CLASSES = {"binned": CMSABinnedAngleHead, "ssr": CMSASoftStagewis
 class CMSAForHeadPoseEstimation(CMSAPreTrainedModel):
     """Landmark-free head pose from a face crop: CMSAModel -> angle head (`config.head_pose_head`, binned by
     default). Angles in degrees, order (yaw, pitch, roll), the 300W-LP sign convention (`cmsa_hf.codecs`)."""
+
+    pipeline_task = "head-pose-estimation"  # exported under AutoModel: transformers has no head-pose Auto class
 
     def __init__(self, config: CMSAConfig):
         super().__init__(config)

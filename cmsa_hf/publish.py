@@ -13,7 +13,13 @@ from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoImageProcessor
 
 from . import modeling_cmsa
-from .hub import REPARAMETERIZED_SUBFOLDER, UPLOAD_IGNORE_PATTERNS, push_folder_to_hub, save_reparameterized_copy
+from .hub import (
+    REPARAMETERIZED_SUBFOLDER,
+    UPLOAD_IGNORE_PATTERNS,
+    card_for_repo,
+    push_folder_to_hub,
+    save_reparameterized_copy,
+)
 
 
 def validate_folder(folder) -> dict:
@@ -71,11 +77,14 @@ def publish(
 ) -> dict:  # fmt: skip
     """Validate `folder`, optionally add the reparameterized copy, and upload it to `repo_id` (unless `dry_run`).
     Returns what was (or would be) uploaded: repo_id, files, card metadata, url."""
-    metadata = validate_folder(folder)
+    validate_folder(folder)
     if add_reparameterized and not (Path(folder) / REPARAMETERIZED_SUBFOLDER).is_dir():
         add_reparameterized_copy(folder)
-    summary = {"repo_id": repo_id, "files": files_to_upload(folder), "card": metadata, "url": None}
+    card = card_for_repo(ModelCard.load(Path(folder) / "README.md"), repo_id)
+    summary = {"repo_id": repo_id, "files": files_to_upload(folder), "card": card.data.to_dict(), "url": None}
+    summary["usage"] = [line for line in card.text.splitlines() if f'"{repo_id}"' in line]
     if not dry_run:
+        card.save(Path(folder) / "README.md")  # the folder then says what the repository says
         summary["url"] = push_folder_to_hub(folder, repo_id, token=token, private=private, revision=revision)
     return summary
 
@@ -100,6 +109,9 @@ def main(argv=None):
     print(f"{'Would upload' if args.dry_run else 'Uploaded'} to {args.repo_id}:")
     for name in summary["files"]:
         print(f"  {name}")
+    print(f"Card usage snippets, naming {args.repo_id}:")
+    for line in summary["usage"]:
+        print(f"  {line}")
     print("Card metadata:")
     print(json.dumps(summary["card"], indent=2))
     if summary["url"]:

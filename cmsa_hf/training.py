@@ -83,6 +83,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, **defaults):
     group.add_argument("--with_tracking", action="store_true", help="Log metrics to the trackers of --report_to.")
     group.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, ... or 'all'.")
     group.add_argument("--reparameterize_on_save", action="store_true", help="Also write a folded inference copy.")
+    group.add_argument(
+        "--model_revision", type=str, default=None, help="Branch, tag or commit of --model_name_or_path on the Hub."
+    )
+    group.add_argument(
+        "--hub_dataset_id", type=str, default=None, help="The Hub data set the training data is (card `datasets:`)."
+    )
     group.add_argument("--push_to_hub", action="store_true")
     group.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: output_dir's name).")
     group.add_argument("--hub_token", type=str, default=None)
@@ -97,8 +103,9 @@ def load_or_create_model(model_class, args, **config_overrides):
     config_overrides = {key: value for key, value in config_overrides.items() if value is not None}
     if args.model_name_or_path:
         model = model_class.from_pretrained(
-            args.model_name_or_path, drop_path_rate=args.drop_path_rate, **config_overrides, **extra
-        )
+            args.model_name_or_path, revision=args.model_revision, drop_path_rate=args.drop_path_rate,
+            **config_overrides, **extra,
+        )  # fmt: skip
         if tuple(args.image_size) != tuple(model.config.image_size):
             raise ValueError(
                 f"--image_size {tuple(args.image_size)} differs from the checkpoint's image_size "
@@ -466,6 +473,7 @@ def finish_run(accelerator: Accelerator, args, model, processor, results: dict, 
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model).eval().to(memory_format=torch.contiguous_format)
         repo_id = args.hub_model_id or Path(args.output_dir).name
+        card_fields.setdefault("hub_dataset_id", args.hub_dataset_id)
         card = make_card(
             model, results, repo_id=repo_id, base_model=args.model_name_or_path,
             has_reparameterized=args.reparameterize_on_save, **card_fields,

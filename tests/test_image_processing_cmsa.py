@@ -140,6 +140,27 @@ def test_heatmaps_decode_to_image_coordinates(processor):
         processor.post_process_keypoint_detection(torch.from_numpy(heatmaps)[None], boxes=[[box, box]])
 
 
+def test_vitpose_style_post_processing_matches_the_keypoint_one(processor):
+    """`post_process_pose_estimation` (VitPose's name and output form): the same keypoints and scores as
+    `post_process_keypoint_detection`, integer labels, xyxy boxes; `threshold` keeps what scores above it."""
+    boxes = [[[30.0, 10.0, 24.0, 50.0], [5.0, 6.0, 20.0, 30.0]], [[0.0, 0.0, 16.0, 40.0]]]
+    heatmaps = torch.rand(3, 17, 32, 24, generator=torch.Generator().manual_seed(0))
+    reference = processor.post_process_keypoint_detection(heatmaps, boxes)
+    vitpose_style = processor.post_process_pose_estimation(type("Outputs", (), {"heatmaps": heatmaps})(), boxes)
+    assert [len(image) for image in vitpose_style] == [2, 1]
+    for image_boxes, image_reference, image_result in zip(boxes, reference, vitpose_style):
+        for (x, y, width, height), expected, pose in zip(image_boxes, image_reference, image_result):
+            torch.testing.assert_close(pose["keypoints"], expected["keypoints"])
+            torch.testing.assert_close(pose["scores"], expected["scores"])
+            assert pose["labels"].dtype == torch.int64 and pose["labels"].tolist() == list(range(17))
+            assert pose["bbox"].tolist() == [x, y, x + width, y + height]
+    threshold = float(reference[0][0]["scores"].median())
+    kept = processor.post_process_pose_estimation(heatmaps, boxes, threshold=threshold)[0][0]
+    expected_ids = [i for i, score in enumerate(reference[0][0]["scores"].tolist()) if score > threshold]
+    assert kept["labels"].tolist() == expected_ids and 0 < len(expected_ids) < 17
+    torch.testing.assert_close(kept["keypoints"], reference[0][0]["keypoints"][expected_ids])
+
+
 def test_pose_settings_survive_save_and_load(tmp_path):
     processor = CMSAImageProcessor(
         size={"height": 64, "width": 48}, box_padding=1.3, decoder="quarter", heatmap_sigma=1.5, keypoint_names=["a", "b"]

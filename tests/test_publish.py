@@ -40,6 +40,26 @@ def test_dry_run_lists_the_files_and_the_card(trained_folder, capsys):
     measured = json.loads((trained_folder / "all_results.json").read_text())
     assert metadata["model-index"][0]["results"][0]["metrics"][0]["value"] == measured["eval_accuracy"]
     assert metadata["pipeline_tag"] == "image-classification"
+    # The card was written naming the output folder; the dry run shows its snippets naming the repository.
+    usage = printed.split("Card usage snippets, naming me/tiny:\n", 1)[1].split("Card metadata:", 1)[0]
+    assert 'pipeline("image-classification", model="me/tiny")' in usage
+    assert 'from_pretrained("me/tiny", trust_remote_code=True)' in usage
+    assert metadata["model-index"][0]["name"] == "tiny"
+    assert '"out"' in (trained_folder / "README.md").read_text()  # a dry run leaves the folder's card alone
+
+
+def test_card_metadata_names_every_measured_metric_and_the_task(trained_folder):
+    metadata = validate_folder(trained_folder)
+    measured = json.loads((trained_folder / "all_results.json").read_text())
+    (result,) = metadata["model-index"][0]["results"]
+    assert result["task"] == {"type": "image-classification", "name": "Image Classification"}
+    values = {metric["name"]: metric["value"] for metric in result["metrics"]}
+    assert values == {
+        "top-1 accuracy": measured["eval_accuracy"],
+        "top-5 accuracy": measured["eval_top5_accuracy"],
+        "cross-entropy loss": measured["eval_loss"],
+    }
+    assert "datasets" not in metadata  # a local image folder is no Hub data set
 
 
 def test_upload_with_a_reparameterized_copy(trained_folder, tmp_path):
@@ -52,6 +72,9 @@ def test_upload_with_a_reparameterized_copy(trained_folder, tmp_path):
         summary = publish(folder, "me/tiny", private=True, revision="v1", add_reparameterized=True)
     assert create_repo.call_args.kwargs["private"] is True and create_branch.call_args.kwargs["branch"] == "v1"
     assert upload_folder.call_args.kwargs["revision"] == "v1"
+    card = (folder / "README.md").read_text()
+    assert '"me/tiny"' in card and '"out"' not in card and "\n# tiny\n" in card
+    assert 'from_pretrained("me/tiny", subfolder="reparameterized"' not in card  # written before the copy was added
     assert "reparameterized/model.safetensors" in summary["files"]
     assert json.loads((folder / "reparameterized" / "config.json").read_text())["reparameterized"] is True
 

@@ -173,7 +173,7 @@ def test_hub_ready_folder_and_card(data, tiny_model, tmp_path):
     metadata = card.data.to_dict()
     assert metadata["library_name"] == "transformers"
     assert metadata["pipeline_tag"] == "image-classification"
-    assert metadata["datasets"] and metadata["metrics"] == ["accuracy"]
+    assert "datasets" not in metadata and metadata["metrics"] == ["accuracy"]  # a local folder links no Hub data set
     assert {"cmsa", "low-resolution"} <= set(metadata["tags"])
     entry = metadata["model-index"][0]["results"][0]
     assert entry["metrics"][0]["value"] == measured["eval_accuracy"]
@@ -278,3 +278,22 @@ def test_trainer_fine_tuning_script(data, tiny_model, tmp_path):
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "preprocessor_config.json").is_file()
     reloaded = CMSAForImageClassification.from_pretrained(tmp_path)
     assert reloaded.config.id2label == {0: "bright", 1: "dark"}
+    # The same Hub-ready folder as the Accelerate script's: it passes the publish check.
+    from cmsa_hf.publish import publish
+
+    summary = publish(tmp_path, "me/finetuned", dry_run=True)
+    assert summary["card"]["model-index"][0]["results"][0]["metrics"][0]["value"] == metrics["eval_accuracy"]
+    assert any('model="me/finetuned"' in line for line in summary["usage"])
+    assert "run_trainer.py (transformers Trainer)" in (tmp_path / "README.md").read_text()
+
+
+def test_trainer_script_takes_the_embedded_digits(tiny_model, tmp_path):
+    import run_trainer
+
+    metrics = run_trainer.main([
+        "--model_name_or_path", str(tiny_model), "--dataset_name", "digits", "--output_dir", str(tmp_path),
+        "--max_steps", "2", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "64",
+        "--save_strategy", "no", "--report_to", "none", "--use_cpu",
+    ])  # fmt: skip
+    assert metrics["eval_samples"] == 360 and metrics["train_samples"] == 1437
+    assert CMSAForImageClassification.from_pretrained(tmp_path).config.num_labels == 10

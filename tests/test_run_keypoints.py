@@ -49,7 +49,10 @@ def script_args(coco, model, output_dir, *extra):
 
 def test_hub_ready_folder_and_card_hold_the_coco_metrics(coco, tiny_pose_model, tmp_path):
     results = run_keypoints.main(
-        script_args(coco, tiny_pose_model, tmp_path, "--max_train_steps", "3", "--eval_before_training", "--reparameterize_on_save")
+        script_args(
+            coco, tiny_pose_model, tmp_path, "--max_train_steps", "3", "--eval_before_training", "--reparameterize_on_save",
+            "--hub_dataset_id", "you/coco-keypoints",
+        )  # fmt: skip
     )
     measured = json.loads((tmp_path / "all_results.json").read_text())
     assert measured == json.loads(json.dumps(results))
@@ -61,7 +64,9 @@ def test_hub_ready_folder_and_card_hold_the_coco_metrics(coco, tiny_pose_model, 
     card = ModelCard.load(tmp_path / "README.md")
     metadata = card.data.to_dict()
     assert metadata["pipeline_tag"] == "keypoint-detection" and metadata["library_name"] == "transformers"
-    assert {"cmsa", "low-resolution"} <= set(metadata["tags"]) and metadata["datasets"] == ["coco"]
+    assert {"cmsa", "low-resolution"} <= set(metadata["tags"]) and metadata["datasets"] == ["you/coco-keypoints"]
+    assert metadata["model-index"][0]["results"][0]["task"]["name"] == "Keypoint Detection (human pose)"
+    assert 'from_pretrained("' + tmp_path.name + '", subfolder="reparameterized"' in card.text
     values = {m["type"]: m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
     assert values["oks-ap"] == measured["eval_AP"] and values["oks-ar"] == measured["eval_AR"]
     assert f"| OKS AP | {measured['eval_AP']} |" in card.text and "the training set itself" in card.text

@@ -19,7 +19,7 @@ import app  # noqa: E402
 
 @pytest.fixture(scope="module")
 def models():
-    return app.load_models()
+    return app.load_models(sources={})  # every task on its untrained fallback, whatever outputs/ holds
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,46 @@ def test_fallback_models_are_flagged_untrained(models):
     loaded, untrained = models
     assert untrained == ["classification", "pose", "head pose"]
     assert set(loaded) == {"classification", "pose", "head pose"}
+
+
+def test_classifier_defaults_to_the_main_jobs_folder(tmp_path, monkeypatch):
+    import torch
+    from conftest import tiny_config
+
+    from cmsa_hf import CMSAForImageClassification, CMSAImageProcessor
+
+    model = CMSAForImageClassification(tiny_config(id2label={0: "zero", 1: "one"}, label2id={"zero": 0, "one": 1}))
+    model.save_pretrained(tmp_path)
+    CMSAImageProcessor.for_config(model.config).save_pretrained(tmp_path)
+    monkeypatch.setattr(app, "MAIN_JOB_FOLDER", tmp_path)
+    for variable in ("CMSA_CLASSIFIER", "CMSA_POSE", "CMSA_HEAD_POSE"):
+        monkeypatch.delenv(variable, raising=False)
+    loaded, untrained = app.load_models()
+    assert untrained == ["pose", "head pose"]
+    assert loaded["classification"][0].config.id2label == {0: "zero", 1: "one"}
+    assert torch.equal(loaded["classification"][0].classifier.weight, model.classifier.weight)
+
+
+def test_two_clicks_draw_the_box():
+    first = app.corner_clicked(None, gr.SelectData(None, {"index": [40, 10], "value": None}))
+    assert first[1] == (40.0, 10.0)
+    box, pending = app.corner_clicked(first[1], gr.SelectData(None, {"index": [12, 50], "value": None}))
+    assert box == "12, 10, 28, 40" and pending is None
+
+
+def test_buttons_are_named_api_endpoints(models):
+    dependencies = app.build_demo(*models).get_config_file()["dependencies"]
+    assert {"classify", "estimate_pose", "estimate_head_pose"} <= {d["api_name"] for d in dependencies}
+
+
+def test_examples_are_shipped_with_their_licence():
+    for rows in app.EXAMPLES.values():
+        for name, *box in rows:
+            image = Image.open(app.EXAMPLES_DIR / name)
+            if box:
+                x, y, width, height = (float(v) for v in box[0].split(","))
+                assert 0 <= x and 0 <= y and x + width <= image.width and y + height <= image.height, name
+    assert "Apache-2.0" in (app.EXAMPLES_DIR / "LICENSE.md").read_text()
 
 
 def test_handlers_give_results(models, person):
@@ -96,22 +136,30 @@ def test_app_in_headless_chromium(models, person, tmp_path):
             page.wait_for_selector("#banner", timeout=60_000)
             assert "Untrained demo weights" in page.inner_text("#banner")
 
-            page.set_input_files("#classification-input input[type=file]", str(person))
+            assert "untrained demo weights" in page.inner_text("#classification-output")
+
+            # Each tab: pick an example (image and box), run it, see the result, take a screenshot.
+            page.click("#classification-examples .gallery-item >> nth=0")
+            page.wait_for_selector("#classification-input img", timeout=60_000)
             page.click("#classification-run")
-            page.wait_for_function(
-                "labels => labels.some(l => document.querySelector('#classification-output').innerText.includes(l))",
-                arg=app.DEMO_LABELS, timeout=60_000,
-            )  # fmt: skip
+            top = page.wait_for_selector("#classification-output [data-testid=label-output-value]", timeout=60_000)
+            assert top.inner_text() in app.DEMO_LABELS
+            page.screenshot(path=str(tmp_path / "space-classification.png"), full_page=True)
 
             page.get_by_role("tab", name="Human pose").click()
-            page.set_input_files("#pose-input input[type=file]", str(person))
-            page.fill("#pose-box textarea", "8, 10, 40, 70")
+            page.click("#pose-examples tr.tr-body >> nth=0")
+            page.wait_for_function(
+                "() => document.querySelector('#pose-box textarea').value === '56, 16, 48, 96'", timeout=60_000
+            )
             page.click("#pose-run")
             page.wait_for_selector("#pose-output img", timeout=60_000)
             page.screenshot(path=str(tmp_path / "space-pose.png"), full_page=True)
 
             page.get_by_role("tab", name="Head pose").click()
-            page.set_input_files("#head-pose-input input[type=file]", str(person))
+            page.click("#head-pose-examples tr.tr-body >> nth=1")
+            page.wait_for_function(
+                "() => document.querySelector('#head-pose-box textarea').value === '32, 16, 64, 64'", timeout=60_000
+            )
             page.click("#head-pose-run")
             page.wait_for_function(
                 "() => document.querySelector('#head-pose-angles textarea').value.startsWith('yaw')", timeout=60_000
@@ -119,13 +167,15 @@ def test_app_in_headless_chromium(models, person, tmp_path):
             page.wait_for_selector("#head-pose-output img", timeout=60_000)
             page.screenshot(path=str(tmp_path / "space-head-pose.png"), full_page=True)
 
+            # An upload of one's own still works, with a typed box.
+            page.set_input_files("#head-pose-input input[type=file]", str(person))
             page.fill("#head-pose-box textarea", "0, 0, 0, 0")  # bad input: a message, no traceback
             page.click("#head-pose-run")
             page.wait_for_selector("text=The box is empty", timeout=60_000)
             assert "Traceback" not in page.content()
             page.screenshot(path=str(tmp_path / "space-error.png"), full_page=True)
             browser.close()
-        for name in ("space-pose.png", "space-head-pose.png", "space-error.png"):
+        for name in ("space-classification.png", "space-pose.png", "space-head-pose.png", "space-error.png"):
             assert Image.open(tmp_path / name).size[0] == 1280
         print(f"screenshots: {tmp_path}")
     finally:

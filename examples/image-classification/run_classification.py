@@ -21,7 +21,13 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from cmsa_hf import CMSAConfig, CMSAForImageClassification, CMSAImageProcessor
-from cmsa_hf.data.image_classification import load_splits, prepare_splits
+from cmsa_hf.data.image_classification import (
+    describe_dataset,
+    evaluation_split,
+    hub_dataset_id,
+    load_splits,
+    prepare_splits,
+)
 from cmsa_hf.data.transforms import ClassificationTransform, mix_batch
 from cmsa_hf.hub import image_classification_card
 from cmsa_hf.metrics import top_k_accuracy
@@ -98,7 +104,7 @@ def load_model(args, names: list[str]):
     extra = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
     if args.model_name_or_path:
         model = CMSAForImageClassification.from_pretrained(
-            args.model_name_or_path, ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+            args.model_name_or_path, revision=args.model_revision, ignore_mismatched_sizes=args.ignore_mismatched_sizes,
             drop_path_rate=args.drop_path_rate, **labels, **extra,
         )  # fmt: skip
         processor = CMSAImageProcessor.for_config(model.config)
@@ -187,30 +193,17 @@ def main(argv=None):
     started = time.perf_counter()
     results = evaluate(accelerator, model, eval_dataloader, memory_format(args))
     results.update(**training_summary(stats, len(splits["train"]), started))
-    dataset_name = args.dataset_name or Path(args.train_dir).name
-    # a Hub data set's own validation split (load_splits carves one only when it has none) or --validation_dir
-    has_validation = args.validation_dir is not None or args.dataset_name not in (None, "digits")
+    eval_split, eval_split_description = evaluation_split(args.dataset_name, args.validation_dir, args.seed)
     finish_run(
         accelerator, args, model, processor, results, image_classification_card,
-        dataset_name=dataset_name,
-        dataset_description=_describe_dataset(args),
-        eval_split_description="the data set's validation split" if has_validation
-        else f"held out from the training data with seed {args.seed}",
+        dataset_name=args.dataset_name or Path(args.train_dir).name,
+        hub_dataset_id=args.hub_dataset_id or hub_dataset_id(args.dataset_name),
+        dataset_description=describe_dataset(args.dataset_name, args.train_dir),
+        eval_split_description=eval_split_description,
         hyperparameters=_hyperparameters(args, accelerator, total_steps),
-        eval_split="validation" if has_validation else "held-out",
-    )
+        eval_split=eval_split,
+    )  # fmt: skip
     return results
-
-
-def _describe_dataset(args) -> str:
-    if args.dataset_name == "digits":
-        return (
-            "scikit-learn's handwritten digits (`sklearn.datasets.load_digits`: 1,797 8x8 grayscale images of the "
-            "digits 0-9, UCI ML hand-written digits), upsampled to the model's input size"
-        )
-    if args.dataset_name:
-        return f"the Hub data set `{args.dataset_name}`"
-    return f"the image folder `{Path(args.train_dir).name}`"
 
 
 def _hyperparameters(args, accelerator, total_steps) -> dict:

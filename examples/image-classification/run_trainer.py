@@ -1,30 +1,43 @@
 #!/usr/bin/env python
-"""Fine-tune a saved CMSA classifier on an image folder with `transformers.Trainer`.
+"""Fine-tune a saved CMSA classifier with `transformers.Trainer` on an image folder, a Hub data set or the embedded
+digits, and write the same Hub-ready folder as the Accelerate script (weights, processor, card, all_results.json).
 
     python examples/image-classification/run_trainer.py --model_name_or_path outputs/digits-cmsa-s \
         --train_dir my_images/ --output_dir outputs/finetuned --num_train_epochs 3 --learning_rate 5e-4 \
         --per_device_train_batch_size 32 --eval_strategy epoch --save_strategy epoch
 
-Every `TrainingArguments` flag is available. The head is re-initialised when the folder's classes differ from the
+Every `TrainingArguments` flag is available. The head is re-initialised when the data's classes differ from the
 checkpoint's (`--ignore_mismatched_sizes`).
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from cmsa_hf import CMSAForImageClassification, CMSAImageProcessor
-from cmsa_hf.data.image_classification import load_splits, prepare_splits
+from cmsa_hf.data.image_classification import (
+    describe_dataset,
+    evaluation_split,
+    hub_dataset_id,
+    load_splits,
+    prepare_splits,
+)
 from cmsa_hf.data.transforms import ClassificationTransform
+from cmsa_hf.hub import image_classification_card, write_hub_folder
+from cmsa_hf.metrics import top_k_accuracy
 
 
 @dataclass
 class ScriptArguments:
     model_name_or_path: str = field(metadata={"help": "A saved CMSA classifier folder or Hub id."})
-    train_dir: str = field(metadata={"help": "Image folder or zip archive, one subfolder per class."})
-    validation_dir: str | None = field(default=None, metadata={"help": "Default: a share of train_dir held out."})
+    model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit on the Hub."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub data set id, or 'digits'."})
+    dataset_config_name: str | None = None
+    hub_dataset_id: str | None = field(default=None, metadata={"help": "The Hub data set the data is (card)."})
+    train_dir: str | None = field(default=None, metadata={"help": "Image folder or zip archive, one subfolder per class."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Default: the data set's own, or a share held out."})
     train_val_split: float = 0.1
     ignore_mismatched_sizes: bool = field(default=True, metadata={"help": "Re-initialise a head of another size."})
     crop_padding: int = 4
@@ -50,22 +63,26 @@ def collate(rows: list[dict]) -> dict:
 
 
 def compute_metrics(prediction) -> dict:
-    return {"accuracy": float((np.argmax(prediction.predictions, axis=-1) == prediction.label_ids).mean())}
+    logits, labels = torch.from_numpy(prediction.predictions), torch.from_numpy(prediction.label_ids)
+    return {"accuracy": round(top_k_accuracy(logits, labels, 1), 4), "top5_accuracy": round(top_k_accuracy(logits, labels, 5), 4)}
 
 
 def main(argv=None):
     script_args, training_args = HfArgumentParser((ScriptArguments, TrainingArguments)).parse_args_into_dataclasses(argv)
     # The transform needs the raw `image` and `sample_index` columns, which Trainer would drop as unused inputs.
     training_args.remove_unused_columns = False
+    if script_args.dataset_name is None and script_args.train_dir is None:
+        raise ValueError("give --dataset_name (a Hub id or 'digits') or --train_dir")
     splits, names = prepare_splits(
         load_splits(
-            train_dir=script_args.train_dir, validation_dir=script_args.validation_dir,
-            train_val_split=script_args.train_val_split, seed=training_args.seed,
+            script_args.dataset_name, script_args.dataset_config_name, script_args.train_dir,
+            script_args.validation_dir, script_args.train_val_split, training_args.seed,
         )  # fmt: skip
     )
     id2label = dict(enumerate(names))
     model = CMSAForImageClassification.from_pretrained(
         script_args.model_name_or_path,
+        revision=script_args.model_revision,
         id2label=id2label,
         label2id={name: i for i, name in id2label.items()},
         ignore_mismatched_sizes=script_args.ignore_mismatched_sizes,
@@ -86,12 +103,40 @@ def main(argv=None):
         compute_metrics=compute_metrics,
         callbacks=[AugmentationEpoch(train_transform)],
     )
-    train_result = trainer.train()
-    metrics = {**train_result.metrics, **trainer.evaluate()}
-    trainer.save_model()
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = {
+        **train_result.metrics, **trainer.evaluate(), "train_samples": len(splits["train"]),
+        "eval_samples": len(splits["validation"]),
+    }  # fmt: skip
     trainer.log_metrics("all", metrics)
-    trainer.save_metrics("all", metrics)
+    if trainer.is_world_process_zero():
+        write_hub_folder(training_args.output_dir, model, processor, metrics, _card(model, metrics, script_args, training_args))
     return metrics
+
+
+def _card(model, metrics, script_args, training_args):
+    eval_split, eval_split_description = evaluation_split(
+        script_args.dataset_name, script_args.validation_dir, training_args.seed
+    )
+    return image_classification_card(
+        model.eval(), metrics, eval_split_description=eval_split_description, eval_split=eval_split,
+        training_script="examples/image-classification/run_trainer.py (transformers Trainer)",
+        dataset_name=script_args.dataset_name or Path(script_args.train_dir).name,
+        hub_dataset_id=script_args.hub_dataset_id or hub_dataset_id(script_args.dataset_name),
+        dataset_description=describe_dataset(script_args.dataset_name, script_args.train_dir),
+        repo_id=training_args.hub_model_id or Path(training_args.output_dir).name,
+        base_model=script_args.model_name_or_path, has_reparameterized=False,
+        hyperparameters={
+            "learning rate (peak)": training_args.learning_rate,
+            "learning-rate schedule": f"{training_args.lr_scheduler_type}, warmup {training_args.warmup_steps} steps",
+            "batch size (per device)": training_args.per_device_train_batch_size,
+            "epochs": training_args.num_train_epochs,
+            "weight decay": training_args.weight_decay,
+            "random crop padding / h-flip / random erasing": f"{script_args.crop_padding} / "
+            f"{script_args.hflip_probability} / {script_args.random_erasing_probability}",
+            "seed": training_args.seed,
+        },
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """CMSA demo (a Hugging Face Space, Gradio): classification, human pose and head pose at low resolution.
 
-Models come from folders or Hub ids in the environment variables CMSA_CLASSIFIER, CMSA_POSE and CMSA_HEAD_POSE.
-Without them the demo runs on freshly initialised models and says so in a banner ("untrained demo weights"), so that
-it starts anywhere, even offline.
+Models come from folders or Hub ids in the environment variables CMSA_CLASSIFIER, CMSA_POSE and CMSA_HEAD_POSE;
+the classifier defaults to the main job's folder (`make demo`: outputs/digits-cmsa-s) when it exists. Without them
+the demo runs on freshly initialised models and says so in a banner and in the outputs' labels ("untrained demo
+weights"), so that it starts anywhere, even offline. Each tab has example images (examples/, drawn by
+make_examples.py) and takes a box typed, picked with an example, or drawn by clicking two corners on the image.
+The buttons are API endpoints: /classify, /estimate_pose, /estimate_head_pose.
 
     python examples/space/app.py            # http://127.0.0.1:7860
 """
@@ -32,20 +35,39 @@ from cmsa_hf.codecs import euler_to_rotation_matrix
 
 
 MAX_PIXELS = 4096 * 4096
-DEMO_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# The untrained fallback classifier has the classes and input size of the main job's model (`make demo`: digits).
+DEMO_LABELS = [str(digit) for digit in range(10)]
+MAIN_JOB_FOLDER = Path(__file__).resolve().parents[2] / "outputs" / "digits-cmsa-s"
 BANNER = "**Untrained demo weights**: {names} freshly initialised (set {variables} to trained folders or Hub ids)."
+UNTRAINED = " (untrained demo weights: meaningless)"
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+# Example images with their boxes (x, y, width, height), as drawn by make_examples.py.
+EXAMPLES = {
+    "classification": [["digit-3.png"], ["digit-7.png"]],
+    "pose": [["person.png", "56, 16, 48, 96"]],
+    "head pose": [["face-frontal.png", "32, 16, 64, 64"], ["face-turned.png", "32, 16, 64, 64"]],
+}
 
 
-def load_models() -> tuple[dict, list[str]]:
-    """The three task models with their processors, and the names of those that fell back to random weights."""
+def load_models(sources: dict | None = None) -> tuple[dict, list[str]]:
+    """The three task models with their processors, and the names of those that fell back to random weights.
+    `sources` (task -> folder or Hub id) defaults to the environment variables, and the classifier to the main
+    job's folder when it exists."""
+    if sources is None:
+        default_classifier = str(MAIN_JOB_FOLDER) if MAIN_JOB_FOLDER.is_dir() else None
+        sources = {
+            "classification": os.environ.get("CMSA_CLASSIFIER", default_classifier),
+            "pose": os.environ.get("CMSA_POSE"),
+            "head pose": os.environ.get("CMSA_HEAD_POSE"),
+        }
     specs = {
-        "classification": ("CMSA_CLASSIFIER", CMSAForImageClassification, {"image_size": (32, 32), "id2label": dict(enumerate(DEMO_LABELS))}, {}),
-        "pose": ("CMSA_POSE", CMSAForKeypointDetection, {"image_size": (32, 24)}, {}),
-        "head pose": ("CMSA_HEAD_POSE", CMSAForHeadPoseEstimation, {"image_size": (32, 32)}, {"box_padding": 1.0}),
+        "classification": (CMSAForImageClassification, {"image_size": (16, 16), "id2label": dict(enumerate(DEMO_LABELS))}, {}),
+        "pose": (CMSAForKeypointDetection, {"image_size": (32, 24)}, {}),
+        "head pose": (CMSAForHeadPoseEstimation, {"image_size": (32, 32)}, {"box_padding": 1.0}),
     }  # fmt: skip
     models, untrained = {}, []
-    for task, (variable, model_class, fields, processor_fields) in specs.items():
-        source = os.environ.get(variable)
+    for task, (model_class, fields, processor_fields) in specs.items():
+        source = sources.get(task)
         if source:
             model = model_class.from_pretrained(source).eval()
             processor = CMSAImageProcessor.from_pretrained(source)
@@ -87,6 +109,17 @@ def parse_box(text: str, image: Image.Image) -> list[float]:
     if box[2] <= 0 or box[3] <= 0:
         raise gr.Error("The box is empty: its width and height must be positive.")
     return box
+
+
+def corner_clicked(first_corner, event: gr.SelectData):
+    """Two clicks on the input image draw the box: the first sets a corner, the second the opposite one.
+    Returns (the box text, the pending corner)."""
+    x, y = (float(v) for v in event.index)
+    if first_corner is None:
+        return gr.update(), (x, y)
+    (x0, y0), (x1, y1) = first_corner, (x, y)
+    box = [min(x0, x1), min(y0, y1), abs(x1 - x0), abs(y1 - y0)]
+    return ", ".join(f"{v:g}" for v in box), None
 
 
 def crops(processor, image, box):
@@ -153,9 +186,31 @@ def estimate_head_pose(models, path, box_text):
 # ---------------------------------------------------------------------------------------------- the app
 
 
+def _examples(task: str, inputs, elem_id: str):
+    rows = [[str(EXAMPLES_DIR / row[0]), *row[1:]] for row in EXAMPLES[task]]
+    gr.Examples(rows, inputs, label="Examples (synthetic, drawn by make_examples.py)", elem_id=elem_id)
+
+
+def _box_input(kind: str, image, elem_id: str):
+    """The box textbox of a tab; two clicks on `image` fill it in."""
+    box = gr.Textbox(
+        label=f"{kind} box: x, y, width, height (empty: the whole image; or click two corners on the image)",
+        elem_id=elem_id,
+    )
+    first_corner = gr.State(None)
+    image.select(corner_clicked, first_corner, [box, first_corner])
+    image.change(lambda: None, None, first_corner)  # a new image starts a new box
+    return box
+
+
 def build_demo(models=None, untrained=None) -> gr.Blocks:
     if models is None:
         models, untrained = load_models()
+    untrained = untrained or []
+
+    def title(text: str, task: str) -> str:
+        return text + (UNTRAINED if task in untrained else "")
+
     with gr.Blocks(title="CMSA: low-resolution recognition") as demo:
         gr.Markdown("# CMSA: cascaded multi-scale attention for low-resolution images")
         if untrained:
@@ -164,26 +219,34 @@ def build_demo(models=None, untrained=None) -> gr.Blocks:
         with gr.Tab("Classification"):
             with gr.Row():
                 image = gr.Image(type="filepath", label="Image", elem_id="classification-input")
-                label = gr.Label(num_top_classes=5, label="Top-5", elem_id="classification-output")
-            gr.Button("Classify", elem_id="classification-run").click(lambda p: classify(models, p), image, label)
+                label = gr.Label(num_top_classes=5, label=title("Top-5", "classification"), elem_id="classification-output")
+            _examples("classification", [image], "classification-examples")
+            gr.Button("Classify", elem_id="classification-run").click(
+                lambda p: classify(models, p), image, label, api_name="classify"
+            )
         with gr.Tab("Human pose"):
             with gr.Row():
                 with gr.Column():
                     image = gr.Image(type="filepath", label="Image", elem_id="pose-input")
-                    box = gr.Textbox(label="Person box: x, y, width, height (empty: the whole image)", elem_id="pose-box")
-                drawn = gr.Image(type="pil", label="Keypoints and skeleton", elem_id="pose-output")
-            gr.Button("Estimate pose", elem_id="pose-run").click(lambda p, b: estimate_pose(models, p, b), [image, box], drawn)
+                    box = _box_input("Person", image, "pose-box")
+                drawn = gr.Image(type="pil", label=title("Keypoints and skeleton", "pose"), elem_id="pose-output")
+            _examples("pose", [image, box], "pose-examples")
+            gr.Button("Estimate pose", elem_id="pose-run").click(
+                lambda p, b: estimate_pose(models, p, b), [image, box], drawn, api_name="estimate_pose"
+            )
         with gr.Tab("Head pose"):
             with gr.Row():
                 with gr.Column():
                     image = gr.Image(type="filepath", label="Image", elem_id="head-pose-input")
-                    box = gr.Textbox(label="Face box: x, y, width, height (empty: the whole image)", elem_id="head-pose-box")
+                    box = _box_input("Face", image, "head-pose-box")
                 with gr.Column():
-                    angles = gr.Textbox(label="Yaw, pitch, roll", elem_id="head-pose-angles")
+                    angles = gr.Textbox(label=title("Yaw, pitch, roll", "head pose"), elem_id="head-pose-angles")
                     drawn = gr.Image(type="pil", label="Head axes", elem_id="head-pose-output")
+            _examples("head pose", [image, box], "head-pose-examples")
             gr.Button("Estimate head pose", elem_id="head-pose-run").click(
-                lambda p, b: estimate_head_pose(models, p, b), [image, box], [angles, drawn]
-            )
+                lambda p, b: estimate_head_pose(models, p, b), [image, box], [angles, drawn],
+                api_name="estimate_head_pose",
+            )  # fmt: skip
     return demo
 
 
