@@ -21,8 +21,14 @@ VARIANTS = {
 }
 
 
-# The inputs above which `from_variant` gives the stem stride 2 (the network then works at half the input size).
+# The inputs above which `from_variant` gives the stem stride 2 (the network then works at half the input size), in the
+# "scaled" window layout only.
 FULL_RESOLUTION_MAX_SIDE = 64
+
+# How attention windows are sized: "scaled" (relative to each stage's map, `window_splits`) or "fixed" (the absolute
+# `fixed_window_sizes`, by default the windows the authors' released factories hard-code for every input size).
+WINDOW_LAYOUTS = ("scaled", "fixed")
+AUTHORS_WINDOW_SIZES = (((32, 24), (16, 12), (8, 6)), ((16, 12), (8, 6)), ((8, 6), (8, 6)))
 
 HEAD_POSE_HEADS = ("binned", "ssr")
 
@@ -77,10 +83,20 @@ class CMSAConfig(PreTrainedConfig):
         depths (`list[int]`): Number of CMSA blocks per stage.
         num_heads (`list[list[int]]`): Heads of each attention group, per stage. Group k of a stage attends
             within its own window size; groups are cascaded from the first (largest window) to the last.
+        window_layout (`str`, defaults to `"scaled"`): How the attention windows are sized.
+            `"scaled"`: relative to each stage's feature map (`window_splits`), so the first group of every stage
+            attends over the whole map at any input size, as the paper defines it ((s_1, t_1) = (H, W), Section 3.2).
+            `"fixed"`: the absolute `fixed_window_sizes` at every input size, as the authors' released factories
+            (`CMSAFormer_*_32`, windows hard-coded for 32x24) compute when given larger inputs: at 64x48 the stage-1
+            map is tiled by 2x2 windows of 32x24. The two layouts are identical at 32x24. The windows must tile every
+            stage's map (the config raises an error naming the window otherwise): the fixed layout does not fit
+            32x32 or 64x64 inputs.
         window_splits (`list[list[int]]`): Windows per side for each group, relative to the stage's feature
-            map: 1 is global attention over the whole map, 2 splits each side in two, and so on. At 32x24 the
-            presets give windows (32, 24), (16, 12), (8, 6) in stage 1; (16, 12), (8, 6) in stage 2; (8, 6)
-            twice in stage 3.
+            map (the `"scaled"` layout): 1 is global attention over the whole map, 2 splits each side in two, and
+            so on. At 32x24 the presets give windows (32, 24), (16, 12), (8, 6) in stage 1; (16, 12), (8, 6) in
+            stage 2; (8, 6) twice in stage 3.
+        fixed_window_sizes (`list[list[(int, int)]]`, defaults to the authors' windows above): Window (height,
+            width) of every group, per stage, used by the `"fixed"` layout.
         kv_pool_ratios (`list[list[int]]`): Average-pooling ratio of the keys / values of each group (1: none).
             Must divide the group's window.
         key_dim (`int`, defaults to 16): Query / key channels per head.
@@ -127,7 +143,9 @@ class CMSAConfig(PreTrainedConfig):
     hidden_sizes: list[int] | tuple[int, ...] = tuple(VARIANTS["cmsa-s"]["hidden_sizes"])
     depths: list[int] | tuple[int, ...] = tuple(_COMMON["depths"])
     num_heads: list | tuple = tuple(tuple(h) for h in VARIANTS["cmsa-s"]["num_heads"])
+    window_layout: str = "scaled"
     window_splits: list | tuple = tuple(tuple(s) for s in _COMMON["window_splits"])
+    fixed_window_sizes: list | tuple = AUTHORS_WINDOW_SIZES
     kv_pool_ratios: list | tuple = tuple(tuple(r) for r in _COMMON["kv_pool_ratios"])
     key_dim: int = 16
     value_ratio: int = 2
@@ -158,6 +176,7 @@ class CMSAConfig(PreTrainedConfig):
         self.depths = [int(d) for d in self.depths]
         self.num_heads = [[int(h) for h in stage] for stage in self.num_heads]
         self.window_splits = [[int(s) for s in stage] for stage in self.window_splits]
+        self.fixed_window_sizes = [[list(_pair(window)) for window in stage] for stage in self.fixed_window_sizes]
         self.kv_pool_ratios = [[int(r) for r in stage] for stage in self.kv_pool_ratios]
         self.ssr_stage_bins = [int(b) for b in self.ssr_stage_bins]
         self.keypoint_names = [str(name) for name in self.keypoint_names]
@@ -177,16 +196,23 @@ class CMSAConfig(PreTrainedConfig):
         CMSA-B uses stage-2 heads [3, 4]: Table 1 prints [3, 3], but only [3, 4] (one version of the authors'
         released code) reproduces the paper's 5.6M (pose) and 5.4M (head pose) parameter counts.
 
-        The authors released 32x24 configurations only. Windows are relative to the stage maps, so 64x48 runs at
-        full resolution with every window twice as large (heatmaps 64x48), which matches the paper's FLOPs. For
-        inputs whose shorter side exceeds 64 pixels (such as 128x96) the stem gets stride 2 unless `stem_stride`
-        is given: the network works at 64x48 internally, as the paper's 128x96 FLOPs imply.
+        The authors released 32x24 configurations only, and the paper does not say how its 64x48 and 128x96 models
+        were laid out. The presets use `window_layout="scaled"` (windows relative to the stage maps): 64x48 runs at
+        full resolution with every window twice as large (heatmaps 64x48), keeping the first group global as the
+        paper defines it; for inputs whose shorter side exceeds 64 pixels (such as 128x96) the stem gets stride 2
+        unless `stem_stride` is given, so the network works at 64x48 internally (heatmaps 64x48) instead of running
+        global attention over a 128x96 map. That stride is cmsa_hf's choice, not the paper's.
+        `window_layout="fixed"` gives the authors' released layout instead: the 32x24 windows at every input size
+        and a stride-1 stem (full-resolution heatmaps); it is the layout whose attention-bias tables reproduce the
+        paper's parameter counts at 64x48 and 128x96 (`benchmarks/model_stats.py`), and the converter of the
+        authors' checkpoints uses it.
         """
         key = name.lower()
         if key not in VARIANTS:
             raise ValueError(f"Unknown CMSA variant {name!r}; known variants: {', '.join(VARIANTS)}")
         fields = {**VARIANTS[key], **overrides}
-        if "stem_stride" not in overrides and min(_pair(fields.get("image_size", (32, 24)))) > FULL_RESOLUTION_MAX_SIDE:
+        large_input = min(_pair(fields.get("image_size", (32, 24)))) > FULL_RESOLUTION_MAX_SIDE
+        if "stem_stride" not in overrides and fields.get("window_layout", "scaled") == "scaled" and large_input:
             fields["stem_stride"] = 2
         return cls(**fields)
 
@@ -218,18 +244,24 @@ class CMSAConfig(PreTrainedConfig):
         return [(height // (first * 2**i), width // (first * 2**i)) for i in range(self.num_stages)]
 
     def window_sizes(self, stage: int) -> list[tuple[int, int]]:
-        """Query window (height, width) of every attention group of a stage."""
+        """Query window (height, width) of every attention group of a stage (see `window_layout`)."""
+        if self.window_layout == "fixed":
+            return [tuple(window) for window in self.fixed_window_sizes[stage]]
         height, width = self.stage_resolutions()[stage]
         return [(height // split, width // split) for split in self.window_splits[stage]]
 
     def _validate_architecture(self):
-        for name in ("depths", "num_heads", "window_splits", "kv_pool_ratios"):
+        if self.window_layout not in WINDOW_LAYOUTS:
+            raise ValueError(f"window_layout must be one of {WINDOW_LAYOUTS}, got {self.window_layout!r}")
+        per_stage = ("depths", "num_heads", "window_splits", "kv_pool_ratios")
+        per_stage += ("fixed_window_sizes",) if self.window_layout == "fixed" else ()
+        for name in per_stage:
             if len(getattr(self, name)) != self.num_stages:
                 raise ValueError(
                     f"{name} has {len(getattr(self, name))} stages but hidden_sizes has {self.num_stages}"
                 )
         for stage, heads in enumerate(self.num_heads):
-            for name in ("window_splits", "kv_pool_ratios"):
+            for name in per_stage[2:]:
                 groups = getattr(self, name)[stage]
                 if len(groups) != len(heads):
                     raise ValueError(
@@ -245,13 +277,20 @@ class CMSAConfig(PreTrainedConfig):
             )
         for stage, (height, width) in enumerate(self.stage_resolutions()):
             for group, split in enumerate(self.window_splits[stage]):
-                if split < 1 or height % split or width % split:
+                if self.window_layout == "scaled" and (split < 1 or height % split or width % split):
                     raise ValueError(
                         f"window_splits[{stage}][{group}]={split} does not divide the stage-{stage + 1} feature "
                         f"map {height}x{width} at image_size {tuple(self.image_size)}"
                     )
+            for group, window in enumerate(self.window_sizes(stage)):
+                if self.window_layout == "fixed" and (min(window) < 1 or height % window[0] or width % window[1]):
+                    raise ValueError(
+                        f"fixed_window_sizes[{stage}][{group}]={window[0]}x{window[1]} does not tile the stage-"
+                        f"{stage + 1} feature map {height}x{width} at image_size {tuple(self.image_size)} "
+                        "(window_layout='fixed' keeps the same windows at every input size; window_layout='scaled' "
+                        "sizes them relative to the map)"
+                    )
                 ratio = self.kv_pool_ratios[stage][group]
-                window = (height // split, width // split)
                 if ratio < 1 or window[0] % ratio or window[1] % ratio:
                     raise ValueError(
                         f"kv_pool_ratios[{stage}][{group}]={ratio} does not divide the window {window[0]}x{window[1]} "
@@ -271,4 +310,4 @@ class CMSAConfig(PreTrainedConfig):
                     raise ValueError(f"{name} entry {pair} must be two keypoint indices in [0, {self.num_keypoints})")
 
 
-__all__ = ["CMSAConfig", "VARIANTS", "COCO_KEYPOINT_NAMES", "COCO_FLIP_PAIRS", "COCO_SKELETON"]
+__all__ = ["CMSAConfig", "VARIANTS", "WINDOW_LAYOUTS", "AUTHORS_WINDOW_SIZES", "COCO_KEYPOINT_NAMES", "COCO_FLIP_PAIRS", "COCO_SKELETON"]

@@ -2,6 +2,7 @@
 optionally add the reparameterized inference copy, and upload it (or, with a dry run, say what would go up).
 
     cmsa-hf publish outputs/digits-cmsa-s --repo-id you/cmsa-s-digits [--private] [--revision main] [--dry-run]
+    cmsa-hf convert CHECKPOINT.pth --variant cmsa-l --image-size 32 24 --output-dir DIR   (convert_cmsa_original_to_hf)
 """
 
 import argparse
@@ -13,6 +14,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoImageProcessor
 
 from . import modeling_cmsa
+from .convert_cmsa_original_to_hf import add_convert_command
 from .hub import (
     REPARAMETERIZED_SUBFOLDER,
     UPLOAD_IGNORE_PATTERNS,
@@ -100,7 +102,10 @@ def main(argv=None):
     command.add_argument("--token", default=None)
     command.add_argument("--add-reparameterized", action="store_true", help="Also upload a folded inference copy.")
     command.add_argument("--dry-run", action="store_true", help="Print what would be uploaded; upload nothing.")
+    add_convert_command(commands)
     args = parser.parse_args(argv)
+    if args.command == "convert":
+        return args.run(args)
 
     summary = publish(
         args.folder, args.repo_id, token=args.token, private=args.private, revision=args.revision,

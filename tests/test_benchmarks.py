@@ -35,3 +35,15 @@ def test_inference_benchmark_writes_json_table_and_plot(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| CMSA-S | reparameterized + channels_last | 32x24 |" in table
     assert (tmp_path / "throughput_vs_parameters.png").stat().st_size > 0
+
+
+def test_model_stats_reproduces_the_papers_parameter_counts():
+    """Table 2 (pose, 32x24) and Table 3 (head-pose backbone) to the digit, counted as the authors' script does."""
+    from cmsa_hf import CMSAConfig, CMSAForKeypointDetection, CMSAModel
+
+    model_stats = load_script("model_stats")
+    for model_class, paper in ((CMSAForKeypointDetection, (4.1, 5.6, 7.3)), (CMSAModel, (4.0, 5.4, 7.1))):
+        for variant, millions in zip(model_stats.VARIANTS, paper):
+            model = model_class(CMSAConfig.from_variant(variant))
+            counted = model_stats.paper_parameter_count(model)
+            assert counted < model.num_parameters() and round(counted / 1e6, 1) == millions, (variant, counted)

@@ -72,3 +72,26 @@ def test_json_round_trip(tmp_path):
     loaded = CMSAConfig.from_pretrained(tmp_path)
     for field in ("image_size", "hidden_sizes", "num_heads", "window_splits", "kv_pool_ratios", "num_labels"):
         assert getattr(loaded, field) == getattr(config, field)
+
+
+@pytest.mark.parametrize("image_size", [(32, 24), (64, 48), (128, 96)])
+def test_fixed_window_layout_keeps_the_authors_windows_and_a_stride_1_stem(image_size):
+    config = CMSAConfig.from_variant("cmsa-l", image_size=image_size, window_layout="fixed")
+    assert config.stem_stride == 1 and config.stage_resolutions()[0] == image_size
+    assert [config.window_sizes(stage) for stage in range(3)] == [
+        [(32, 24), (16, 12), (8, 6)], [(16, 12), (8, 6)], [(8, 6), (8, 6)]
+    ]  # fmt: skip
+    scaled = CMSAConfig.from_variant("cmsa-l", image_size=image_size)
+    same = image_size == (32, 24)
+    assert (scaled.window_sizes(0) == config.window_sizes(0)) == same and (scaled.stem_stride == 1) == (image_size[0] <= 64)
+
+
+def test_window_layout_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"fixed_window_sizes\[0\]\[0\]=32x24 does not tile the stage-1 feature map 32x32"):
+        CMSAConfig.from_variant("cmsa-s", image_size=(32, 32), window_layout="fixed")
+    with pytest.raises(ValueError, match="window_layout must be one of"):
+        CMSAConfig.from_variant("cmsa-s", window_layout="authors")
+    with pytest.raises(ValueError, match=r"fixed_window_sizes\[1\] has 1 groups"):
+        CMSAConfig.from_variant("cmsa-s", window_layout="fixed", fixed_window_sizes=[[(32, 24)] * 3, [(16, 12)], [(8, 6)] * 2])
+    config = CMSAConfig.from_variant("cmsa-s", image_size=(64, 48), window_layout="fixed")
+    assert CMSAConfig.from_dict(config.to_dict()).window_sizes(0) == config.window_sizes(0)

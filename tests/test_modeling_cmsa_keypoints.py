@@ -35,6 +35,15 @@ def test_presets_run_at_the_pose_resolutions(name, image_size, heatmap_size):
     assert heatmaps.shape == (1, 17, *heatmap_size)
 
 
+def test_fixed_window_layout_runs_32x24_weights_at_64x48():
+    """The authors' layout: the same windows (and so the same bias tables) at every input size, tiled."""
+    small = CMSAForKeypointDetection(CMSAConfig.from_variant("cmsa-s", window_layout="fixed"))
+    large = CMSAForKeypointDetection(CMSAConfig.from_variant("cmsa-s", image_size=(64, 48), window_layout="fixed")).eval()
+    large.load_state_dict(small.state_dict(), strict=True)
+    with torch.no_grad():
+        assert large(torch.randn(1, 3, 64, 48)).heatmaps.shape == (1, 17, 64, 48)
+
+
 def test_explicit_stem_stride_wins_over_the_preset_rule():
     assert CMSAConfig.from_variant("cmsa-s", image_size=(128, 96), stem_stride=1).stem_stride == 1
 
