@@ -8,6 +8,7 @@ code (github.com/xyongLu/CMSA, `models/cmasformer.py`); see `configuration_cmsa.
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention, ImageClassifierOutputWithNoAttention
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput
 
 from .codecs import AngleBinCodec, flip_heatmaps_back, mirror_angles
@@ -231,9 +232,12 @@ class CMSAWindowAttention(nn.Module):
         offset_x = (query_x.reshape(-1, 1) - key_x.reshape(1, -1)).abs()
         return offset_y * self.window_size[1] + offset_x
 
-    def forward(self, query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, key_value: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """query (batch, heads * key_dim, H, W), key_value (batch, heads * (key_dim + value_dim), H / r, W / r)
-        -> (batch, heads * value_dim, H, W)."""
+        -> context (batch, heads * value_dim, H, W) and, with `output_attentions` on the eager path, the attention
+        weights (batch, windows, heads, window tokens, pooled window tokens), windows in row-major order."""
         batch, _, height, width = query.shape
         (window_h, window_w), (kv_h, kv_w) = self.window_size, self.kv_window_size
         rows, cols = height // window_h, width // window_w
@@ -248,21 +252,25 @@ class CMSAWindowAttention(nn.Module):
         key, value = key_value.split([self.key_dim, self.value_dim], dim=-1)
 
         bias = self.attention_bias[:, self.attention_bias_index].to(query.dtype)  # (heads, Nq, Nkv)
+        weights = None
         if self.config._attn_implementation == "eager":
             # The explicit path, scaling and adding the bias in place (autograd needs neither input of those). On CPU,
             # SDPA's only kernel for a float mask with key dim != value dim is this same math, plus masking passes.
-            weights = torch.matmul(query, key.transpose(-2, -1)).mul_(self.scale).add_(bias)
-            context = torch.matmul(weights.softmax(dim=-1), value)
+            scores = torch.matmul(query, key.transpose(-2, -1)).mul_(self.scale).add_(bias)
+            # The returned weights are the ones the context is computed from (so that they can retain a gradient).
+            weights = scores.softmax(dim=-1).view(batch, rows * cols, heads, window_h * window_w, kv_h * kv_w)
+            context = torch.matmul(weights.flatten(0, 1), value)
         else:
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scale)
+        weights = weights if output_attentions else None
 
         # Back to a (batch, heads * value_dim, H, W) map, laid out as the input was (channels_last stays so, which
         # spares the projection convolution a layout conversion).
         context = context.view(batch, rows, cols, heads, window_h, window_w, self.value_dim)
         if channels_last:
             context = context.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, heads * self.value_dim)
-            return context.permute(0, 3, 1, 2)
-        return context.permute(0, 3, 6, 1, 4, 2, 5).reshape(batch, heads * self.value_dim, height, width)
+            return context.permute(0, 3, 1, 2), weights
+        return context.permute(0, 3, 6, 1, 4, 2, 5).reshape(batch, heads * self.value_dim, height, width), weights
 
 
 class CMSACascadedAttention(nn.Module):
@@ -299,19 +307,34 @@ class CMSACascadedAttention(nn.Module):
         self.proj = nn.Conv2d(sum(heads) * value_dim, dim, 1)
         self.proj.is_channel_linear = True
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, ...] | None]:
+        """Also returns the block's attention weights when asked (eager path, see `CMSAWindowAttention`): one tensor
+        (batch, windows, heads, Nq, Nkv) with the groups' heads concatenated when all groups share windows and
+        pooling (a copy: `retain_grad` on it gets no gradient, the groups being cascaded), else a tuple with one such
+        tensor per group (the tensors the contexts are computed from)."""
         queries, key_values = self.qkv(hidden_states).split(
             [sum(self.query_channels), sum(self.key_value_channels)], dim=1
         )
         queries = queries.split(self.query_channels, dim=1)
         key_values = key_values.split(self.key_value_channels, dim=1)
-        outputs = []
+        outputs, weights = [], []
         for group, (query, key_value) in enumerate(zip(queries, key_values)):
             if group > 0:
                 key_value = self.channel_fusions[group - 1](torch.cat([key_value, outputs[-1]], dim=1))
             key_value = self.pools[group](self.spatial_fusions[group](key_value))
-            outputs.append(self.attentions[group](query, key_value))
-        return self.proj(torch.cat(outputs, dim=1))
+            context, group_weights = self.attentions[group](query, key_value, output_attentions)
+            outputs.append(context)
+            weights.append(group_weights)
+        attentions = None
+        if output_attentions and weights[0] is not None:
+            shapes = {(w.shape[:2], w.shape[3:]) for w in weights}  # all but the heads
+            if len(weights) == 1:
+                attentions = weights[0]
+            else:
+                attentions = torch.cat(weights, dim=2) if len(shapes) == 1 else tuple(weights)
+        return self.proj(torch.cat(outputs, dim=1)), attentions
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,6 +349,14 @@ def drop_path(hidden_states: torch.Tensor, rate: float, training: bool) -> torch
     keep = 1.0 - rate
     mask = hidden_states.new_empty((hidden_states.shape[0],) + (1,) * (hidden_states.dim() - 1)).bernoulli_(keep)
     return hidden_states * mask / keep
+
+
+def drop_path_rates(last_rate: float, num_blocks: int) -> list[float]:
+    """Stochastic depth rates growing linearly from 0 to `last_rate` over the blocks (plain floats: building the
+    model reads no tensor data, so it can be built on the meta device)."""
+    if num_blocks < 2:
+        return [0.0] * num_blocks
+    return [last_rate * index / (num_blocks - 1) for index in range(num_blocks)]
 
 
 class CMSAMlp(nn.Module):
@@ -357,13 +388,14 @@ class CMSABlock(GradientCheckpointingLayer):
         self.mlp = CMSAMlp(config, dim)
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        """-> (hidden_states, attention weights or None), see `CMSACascadedAttention.forward`."""
         hidden_states = self.position_encoding(hidden_states)
-        attention = self.attention(self.attention_norm(hidden_states))
+        attention, attention_weights = self.attention(self.attention_norm(hidden_states), output_attentions)
         hidden_states = hidden_states + drop_path(attention, self.drop_path_rate, self.training)
         tokens = hidden_states.permute(0, 2, 3, 1)
         tokens = tokens + drop_path(self.mlp(self.mlp_norm(tokens)), self.drop_path_rate, self.training)
-        return tokens.permute(0, 3, 1, 2)
+        return tokens.permute(0, 3, 1, 2), attention_weights
 
     @torch.no_grad()
     def reparameterize(self):
@@ -390,11 +422,13 @@ class CMSAStage(nn.Module):
             self.embedding = CMSAEmbedding(config, *channels, stride=2, activate_output=False)
         self.blocks = nn.ModuleList(CMSABlock(config, stage, rate) for rate in drop_path_rates)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embedding(hidden_states)
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        """-> (hidden_states, one attention entry per block, None each unless asked)."""
+        hidden_states, attentions = self.embedding(hidden_states), []
         for block in self.blocks:
-            hidden_states = block(hidden_states)
-        return hidden_states
+            hidden_states, block_attentions = block(hidden_states, output_attentions)
+            attentions.append(block_attentions)
+        return hidden_states, attentions
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -496,6 +530,102 @@ def check_pixel_values(pixel_values: torch.Tensor, config: CMSAConfig):
         )
 
 
+# CMSAConfig fields that only set the initialisation or describe (drawing); every other one changes the computation.
+NON_COMPUTATIONAL_CONFIG_FIELDS = ("initializer_range", "heatmap_init_scale", "skeleton")
+# Hub / cache arguments of from_pretrained that locating config.json needs too.
+_CONFIG_FILE_KWARGS = (
+    "cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder",
+)  # fmt: skip
+
+
+def _warn_missing_config_fields(pretrained_model_name_or_path, kwargs):
+    """Warn about CMSA fields that the checkpoint's config.json lacks (and that a keyword does not set)."""
+    file_kwargs = {key: kwargs[key] for key in _CONFIG_FILE_KWARGS if key in kwargs}
+    try:
+        config_dict, _ = CMSAConfig.get_config_dict(pretrained_model_name_or_path, **file_kwargs)
+    except OSError:
+        return  # from_pretrained reports the missing file itself
+    missing = [
+        name
+        for name in CMSAConfig.__annotations__
+        if name not in NON_COMPUTATIONAL_CONFIG_FIELDS and name not in config_dict and name not in kwargs
+    ]
+    if missing:
+        defaults = CMSAConfig()
+        shown = ", ".join(f"{name}={getattr(defaults, name)!r}" for name in missing)
+        warnings.warn(
+            f"The config.json of {pretrained_model_name_or_path} does not set {', '.join(missing)}; the defaults are "
+            f"used ({shown}), which may not be what the weights were trained with. Add the fields to config.json.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _shown(lines: list[str], limit: int = 10) -> str:
+    return "\n  ".join(lines[:limit]) + ("\n  ..." if len(lines) > limit else "")
+
+
+def _check_finite(model: nn.Module, initialised: set[str], source):
+    """Raise a ValueError naming the loaded tensors that hold NaN or inf."""
+    bad = []
+    for name, tensor in model.state_dict().items():
+        if name in initialised or not tensor.is_floating_point() or tensor.device.type == "meta":
+            continue
+        finite = torch.isfinite(tensor)
+        if not finite.all():
+            nan = int(torch.isnan(tensor).sum())
+            bad.append(f"{name} ({nan} NaN, {finite.numel() - int(finite.sum()) - nan} inf of {tensor.numel()})")
+    if bad:
+        raise ValueError(f"The weights in {source} hold non-finite values ({len(bad)} tensors):\n  {_shown(bad)}")
+
+
+def _check_weight_form(model: "CMSAPreTrainedModel", unexpected_keys, source):
+    """Raise a ValueError for reparameterized weights under a multi-branch config, or the reverse."""
+    if model.config.reparameterized:  # only multi-branch weights carry BatchNorm statistics
+        other_form = [key for key in sorted(unexpected_keys) if key.endswith(".running_var")]
+    else:
+        other_form = [key for key in sorted(unexpected_keys) if ".reparam_conv." in key]
+    if other_form:
+        form, wanted = ("multi-branch", "false") if model.config.reparameterized else ("reparameterized", "true")
+        raise ValueError(
+            f"The weights in {source} are {form} (for example {other_form[0]}) but the config says "
+            f"reparameterized={model.config.reparameterized}: check that config.json belongs to these weights "
+            f"(they need reparameterized={wanted})."
+        )
+
+
+def _warn_initialised_weights(model: "CMSAPreTrainedModel", info: dict, source):
+    """Warn, naming them, about weights initialised rather than loaded and checkpoint weights dropped."""
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    if not missing:
+        return
+
+    def listing(keys):
+        """The modules the tensors belong to, for example `classifier, neck.projection.conv (3 tensors)`."""
+        modules = list(dict.fromkeys(key.rpartition(".")[0] or key for key in keys))
+        shown = ", ".join(modules[:8]) + (f", ... ({len(modules)} modules)" if len(modules) > 8 else "")
+        return f"{shown} ({len(keys)} tensors)"
+
+    backbone_prefix = "" if isinstance(model, CMSAModel) else f"{model.base_model_prefix}."
+    missing_backbone = [key for key in missing if key.startswith(backbone_prefix)]
+    architectures = [name for name in (model.config.architectures or []) if name != type(model).__name__]
+    if len(missing) == len(model.state_dict()):
+        what = "no CMSA checkpoint of this architecture: none of its weights fit the model"
+    elif missing_backbone:
+        what = f"a partial CMSA checkpoint: {len(missing_backbone)} backbone weights are missing and random"
+    elif architectures and unexpected:
+        what = f"a {architectures[0]} checkpoint loaded as {type(model).__name__}: its task head does not fit"
+    else:
+        what = "a checkpoint without this task's head"
+    dropped = f" Dropped (not used by {type(model).__name__}): {listing(unexpected)}." if unexpected else ""
+    warnings.warn(
+        f"{source} is {what}. Initialised with _init_weights: {listing(missing)}.{dropped} "
+        "Train the model before using its outputs.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 class CMSAPreTrainedModel(PreTrainedModel):
     config_class = CMSAConfig
     config: CMSAConfig
@@ -544,6 +674,35 @@ class CMSAPreTrainedModel(PreTrainedModel):
     extra_auto_classes: dict[str, str] = {}
     pipeline_task: str | None = None
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The stem: the module that turns pixels into the first feature map (pixel models' input embeddings)."""
+        return self.base_model.stages[0].embedding
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.base_model.stages[0].embedding = value
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses from the source whether attention modules dispatch through ALL_ATTENTION_FUNCTIONS;
+        # CMSA's window attention reads config._attn_implementation at every call, so switching always works.
+        return True
+
+    def _wants_attentions(self, output_attentions: bool | None) -> bool:
+        """Resolve `output_attentions` (argument, else config). SDPA computes no attention weights: asked for them
+        it warns and returns none (use `attn_implementation="eager"`)."""
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if output_attentions and self.config._attn_implementation != "eager":
+            warnings.warn(
+                f"output_attentions=True needs the eager attention, but this model uses "
+                f"attn_implementation={self.config._attn_implementation!r}, which computes no attention weights: "
+                "attentions will be None. Load or set the model with attn_implementation=\"eager\" to get them.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return False
+        return bool(output_attentions)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained` with the config's `auto_map` and `custom_pipelines` rebuilt for this
         class (a model fine-tuned from another task's checkpoint would otherwise keep the other task's entries)."""
@@ -573,32 +732,43 @@ class CMSAPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, stricter: weights that do not fit the config raise a ValueError
-        naming the parameters (shape mismatches, unless `ignore_mismatched_sizes=True`, which re-initialises
-        them; and backbone weights missing from the checkpoint, which would otherwise stay random)."""
+        """`PreTrainedModel.from_pretrained` (missing weights initialised by `_init_weights` and listed in
+        `output_loading_info=True`'s `missing_keys`; a size mismatch raises a RuntimeError unless
+        `ignore_mismatched_sizes=True`), with checks that name what is wrong:
+
+        - corrupt or truncated weights raise an OSError, NaN / inf tensors a ValueError naming them;
+        - reparameterized weights with a multi-branch config (or the reverse) raise a ValueError;
+        - a config.json without a field that shapes the computation warns (the default would be used silently);
+        - weights initialised rather than loaded warn (a `UserWarning`) with what was initialised and what was
+          dropped: a partial CMSA checkpoint (backbone weights missing) or another task's checkpoint.
+        """
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         output_loading_info = kwargs.pop("output_loading_info", False)
+        if pretrained_model_name_or_path is not None and kwargs.get("config") is None:
+            _warn_missing_config_fields(pretrained_model_name_or_path, kwargs)
         try:
+            # Mismatches are raised below, naming the tensors (transformers' own error points at a logged report).
             model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
-            )
+                pretrained_model_name_or_path, *model_args, ignore_mismatched_sizes=True, output_loading_info=True,
+                **kwargs,
+            )  # fmt: skip
         except SafetensorError as error:
             raise OSError(f"The weights in {pretrained_model_name_or_path} are corrupt or truncated: {error}") from error
-        problems = []
-        if not ignore_mismatched_sizes:
-            problems += [
+        source = pretrained_model_name_or_path if pretrained_model_name_or_path is not None else "the state_dict"
+        _check_weight_form(model, info["unexpected_keys"], source)
+        if info["mismatched_keys"] and not ignore_mismatched_sizes:
+            mismatched = [
                 f"{key}: checkpoint {tuple(checkpoint_shape)} vs model {tuple(model_shape)}"
                 for key, checkpoint_shape, model_shape in sorted(info["mismatched_keys"])
             ]
-        backbone_prefix = "" if isinstance(model, CMSAModel) else f"{cls.base_model_prefix}."
-        problems += [f"{key}: missing from the checkpoint" for key in sorted(info["missing_keys"]) if key.startswith(backbone_prefix)]
-        if problems:
-            shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
-            raise ValueError(
-                f"The weights in {pretrained_model_name_or_path} do not match its config ({len(problems)} parameters):"
-                f"\n  {shown}\nCheck that config.json belongs to these weights (a reparameterized checkpoint needs "
-                "reparameterized=true); pass ignore_mismatched_sizes=True to re-initialise mismatched heads."
+            raise RuntimeError(
+                f"The weights in {source} do not fit the config ({len(mismatched)} tensors):\n  {_shown(mismatched)}\n"
+                "Check that config.json belongs to these weights; pass ignore_mismatched_sizes=True to re-initialise "
+                "them (a new label count, for example)."
             )
+        _check_finite(model, {key for key, _, _ in info["mismatched_keys"]} | set(info["missing_keys"]), source)
+        if not (pretrained_model_name_or_path is None and kwargs.get("state_dict") == {}):  # unless asked for
+            _warn_initialised_weights(model, info, source)
         return (model, info) if output_loading_info else model
 
     def reparameterize(self) -> "CMSAPreTrainedModel":
@@ -614,17 +784,26 @@ class CMSAModel(CMSAPreTrainedModel):
     """Stem -> stages -> multi-stage fusion.
 
     Returns `last_hidden_state` = the fused map (batch, sum C, H1, W1) at stage-1 resolution, `pooler_output` =
-    its spatial mean (batch, sum C), and `hidden_states` = the stage outputs (batch, C_i, H1 / 2^i, W1 / 2^i).
-    With `add_fusion_layer=False` (heads that read the stages themselves) there is no fusion: `last_hidden_state`
-    is the last stage's output and `pooler_output` its spatial mean. By default the fusion is built unless the
-    config comes from a head-pose checkpoint (`architectures`), whose backbone has none.
+    its spatial mean (batch, sum C), `hidden_states` = the stage outputs (batch, C_i, H1 / 2^i, W1 / 2^i), one per
+    stage (the stem is part of stage 1, so there is no separate embedding output), and `attentions`. With
+    `add_fusion_layer=False` (heads that read the stages themselves) there is no fusion: `last_hidden_state` is
+    the last stage's output and `pooler_output` its spatial mean. By default the fusion is built unless the config
+    comes from a head-pose checkpoint (`architectures`), whose backbone has none.
+
+    `attentions` (`output_attentions=True` with `attn_implementation="eager"`; SDPA computes no weights, warns and
+    returns None): a tuple with one entry per CMSA block, stage by stage (`sum(config.depths)` entries). A block's
+    entry is one tensor (batch, windows, heads, Nq, Nkv) of softmax weights, the heads of its groups concatenated,
+    when all its attention groups have the same windows and key / value pooling; otherwise a tuple with one such
+    tensor per group, in cascade order. `windows` counts the group's windows on the stage map (row-major), Nq is
+    the window's positions (window height x width, row-major) and Nkv those of the window pooled by the group's
+    `kv_pool_ratios`.
     """
 
     def __init__(self, config: CMSAConfig, add_fusion_layer: bool | None = None):
         super().__init__(config)
         if add_fusion_layer is None:  # the backbone of a head-pose checkpoint (AutoModel) has no fusion weights
             add_fusion_layer = (config.architectures or [None])[0] != "CMSAForHeadPoseEstimation"
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        rates = drop_path_rates(config.drop_path_rate, sum(config.depths))
         bounds = [sum(config.depths[:i]) for i in range(config.num_stages + 1)]
         self.stages = nn.ModuleList(
             CMSAStage(config, stage, rates[bounds[stage] : bounds[stage + 1]]) for stage in range(config.num_stages)
@@ -635,13 +814,15 @@ class CMSAModel(CMSAPreTrainedModel):
     def forward(
         self,
         pixel_values: torch.Tensor,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
+    ) -> BaseModelOutputWithPooling | tuple:
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        output_attentions = self._wants_attentions(output_attentions)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         check_pixel_values(pixel_values, self.config)
         if self.training and self.config.reparameterized:
@@ -650,18 +831,20 @@ class CMSAModel(CMSAPreTrainedModel):
                 "model.eval() for inference, or fine-tune the multi-branch (not reparameterized) checkpoint."
             )
 
-        hidden_states, stage_outputs = pixel_values, []
+        hidden_states, stage_outputs, attentions = pixel_values, [], []
         for stage in self.stages:
-            hidden_states = stage(hidden_states)
+            hidden_states, stage_attentions = stage(hidden_states, output_attentions)
             stage_outputs.append(hidden_states)
+            attentions += stage_attentions
         fused = self.fusion(stage_outputs) if self.fusion is not None else hidden_states
         pooled = fused.mean(dim=(2, 3))
         all_hidden_states = tuple(stage_outputs) if output_hidden_states else None
+        all_attentions = tuple(attentions) if output_attentions else None
 
         if not return_dict:
-            return tuple(value for value in (fused, pooled, all_hidden_states) if value is not None)
-        return BaseModelOutputWithPoolingAndNoAttention(
-            last_hidden_state=fused, pooler_output=pooled, hidden_states=all_hidden_states
+            return tuple(value for value in (fused, pooled, all_hidden_states, all_attentions) if value is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=fused, pooler_output=pooled, hidden_states=all_hidden_states, attentions=all_attentions
         )
 
 
@@ -686,13 +869,17 @@ class CMSAForImageClassification(CMSAPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> ImageClassifierOutputWithNoAttention | tuple:
-        """labels: (batch,) class indices, or (batch, num_labels) targets for regression / multi-label."""
+    ) -> ImageClassifierOutput | tuple:
+        """labels: (batch,) class indices, or (batch, num_labels) targets for regression / multi-label.
+        Returns `hidden_states` and `attentions` as `CMSAModel` does."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.cmsa(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = self.cmsa(
+            pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True
+        )
         pooled = self.neck(outputs.last_hidden_state).mean(dim=(2, 3))
         logits = self.classifier(self.dropout(pooled))
 
@@ -702,9 +889,11 @@ class CMSAForImageClassification(CMSAPreTrainedModel):
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
 
         if not return_dict:
-            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            output = tuple(v for v in (logits, outputs.hidden_states, outputs.attentions) if v is not None)
             return ((loss,) + output) if loss is not None else output
-        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
     def _check_labels(self, labels: torch.Tensor):
         """Class-index labels must lie in [0, num_labels) (or be the ignore index -100)."""
@@ -724,11 +913,14 @@ class CMSAKeypointDetectionOutput(ModelOutput):
     loss: 0.5 * MSE between heatmaps and targets, weighted per keypoint (when targets are given).
     heatmaps: (batch, num_keypoints, H1, W1), one per keypoint at stage-1 resolution.
     hidden_states: the stage outputs, when asked.
+    attentions: the attention weights, one entry per block (a tensor (batch, windows, heads, Nq, Nkv), or a tuple
+        of one per attention group when the groups differ in shape), when asked: see `CMSAModel`.
     """
 
     loss: torch.FloatTensor | None = None
     heatmaps: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor | tuple[torch.FloatTensor, ...], ...] | None = None
 
 
 class CMSAHeatmapHead(nn.Module):
@@ -788,6 +980,7 @@ class CMSAForKeypointDetection(CMSAPreTrainedModel):
         target_heatmaps: torch.Tensor | None = None,
         target_weights: torch.Tensor | None = None,
         flip_test: bool = False,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -795,10 +988,13 @@ class CMSAForKeypointDetection(CMSAPreTrainedModel):
         """
         target_heatmaps: (batch, num_keypoints, H1, W1) Gaussian targets (`HeatmapCodec.encode`).
         target_weights: (batch, num_keypoints); defaults to ones.
-        flip_test: also run the mirrored crops and average their heatmaps, flipped back with left / right swapped.
+        flip_test: also run the mirrored crops and average their heatmaps, flipped back with left / right swapped
+            (`hidden_states` and `attentions` are those of the unflipped crops).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.cmsa(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = self.cmsa(
+            pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True
+        )
         heatmaps = self.head(outputs.last_hidden_state)
         if flip_test:
             mirrored = self.head(self.cmsa(pixel_values.flip(-1), return_dict=True).last_hidden_state)
@@ -811,9 +1007,11 @@ class CMSAForKeypointDetection(CMSAPreTrainedModel):
             loss = self.head.loss(heatmaps, target_heatmaps, target_weights)
 
         if not return_dict:
-            output = (heatmaps,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            output = tuple(v for v in (heatmaps, outputs.hidden_states, outputs.attentions) if v is not None)
             return ((loss,) + output) if loss is not None else output
-        return CMSAKeypointDetectionOutput(loss=loss, heatmaps=heatmaps, hidden_states=outputs.hidden_states)
+        return CMSAKeypointDetectionOutput(
+            loss=loss, heatmaps=heatmaps, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
 @dataclass
@@ -823,12 +1021,15 @@ class CMSAHeadPoseOutput(ModelOutput):
     angles: (batch, 3) yaw, pitch, roll in degrees.
     logits: (batch, 3, bins) per-angle bin logits (binned head only).
     hidden_states: the stage outputs, when asked.
+    attentions: the attention weights, one entry per block (a tensor (batch, windows, heads, Nq, Nkv), or a tuple
+        of one per attention group when the groups differ in shape), when asked: see `CMSAModel`.
     """
 
     loss: torch.FloatTensor | None = None
     angles: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor | tuple[torch.FloatTensor, ...], ...] | None = None
 
 
 class CMSABinnedAngleHead(nn.Module):
@@ -922,6 +1123,7 @@ class CMSAForHeadPoseEstimation(CMSAPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         flip_test: bool = False,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -929,10 +1131,12 @@ class CMSAForHeadPoseEstimation(CMSAPreTrainedModel):
         """
         labels: (batch, 3) yaw, pitch, roll in degrees.
         flip_test: also run the mirrored faces and average, their yaw and roll negated (bins reversed): the
-            prediction then mirrors exactly with the face.
+            prediction then mirrors exactly with the face (`hidden_states` and `attentions`: the unflipped faces').
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.cmsa(pixel_values, output_hidden_states=True, return_dict=True)
+        outputs = self.cmsa(
+            pixel_values, output_attentions=output_attentions, output_hidden_states=True, return_dict=True
+        )
         logits, angles = self.head(outputs.hidden_states)
         if flip_test:
             mirrored = self.cmsa(pixel_values.flip(-1), output_hidden_states=True, return_dict=True)
@@ -953,9 +1157,11 @@ class CMSAForHeadPoseEstimation(CMSAPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         hidden_states = outputs.hidden_states if output_hidden_states else None
         if not return_dict:
-            output = tuple(v for v in (angles, logits, hidden_states) if v is not None)
+            output = tuple(v for v in (angles, logits, hidden_states, outputs.attentions) if v is not None)
             return ((loss,) + output) if loss is not None else output
-        return CMSAHeadPoseOutput(loss=loss, angles=angles, logits=logits, hidden_states=hidden_states)
+        return CMSAHeadPoseOutput(
+            loss=loss, angles=angles, logits=logits, hidden_states=hidden_states, attentions=outputs.attentions
+        )
 
 
 __all__ = [

@@ -1,13 +1,15 @@
 import copy
 import itertools
 import json
+import re
+import warnings
 
 import pytest
 import torch
 from conftest import randomise_batch_norms, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
-from cmsa_hf import CMSAConfig, CMSAForImageClassification, CMSAModel
+from cmsa_hf import CMSAConfig, CMSAForImageClassification, CMSAForKeypointDetection, CMSAModel
 from cmsa_hf.modeling_cmsa import (
     CMSABlock,
     CMSAConvBN,
@@ -81,11 +83,13 @@ def test_return_dict_false_and_hidden_states(tiny):
 
 
 def _naive_window_attention(module: CMSAWindowAttention, query, key_value):
-    """Reference: explicit loops over samples, windows and heads, bias looked up by (|dy|, |dx|)."""
+    """Reference: explicit loops over samples, windows and heads, bias looked up by (|dy|, |dx|).
+    -> context (batch, heads * value_dim, H, W), weights (batch, windows, heads, Nq, Nkv), windows row-major."""
     batch, _, height, width = query.shape
     (wh, ww), (kh, kw) = module.window_size, module.kv_window_size
     kd, vd = module.key_dim, module.value_dim
     out = torch.zeros(batch, module.num_heads * vd, height, width)
+    all_weights = torch.zeros(batch, (height // wh) * (width // ww), module.num_heads, wh * ww, kh * kw)
     query_points = list(itertools.product(range(wh), range(ww)))
     key_points = list(itertools.product(range(kh), range(kw)))
     for b, row, col, head in itertools.product(
@@ -101,7 +105,8 @@ def _naive_window_attention(module: CMSAWindowAttention, query, key_value):
         weights = torch.softmax(q @ kv[:, :kd].T / kd**0.5 + bias, dim=-1)
         context = (weights @ kv[:, kd:]).T.reshape(vd, wh, ww)
         out[b, head * vd : (head + 1) * vd, row * wh : (row + 1) * wh, col * ww : (col + 1) * ww] = context
-    return out
+        all_weights[b, row * (width // ww) + col, head] = weights
+    return out, all_weights
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -115,12 +120,67 @@ def test_window_attention_matches_a_loop_over_windows(implementation, window, ra
         module.attention_bias.normal_()
     query = torch.randn(2, 2 * config.key_dim, 16, 12)
     key_value = torch.randn(2, 2 * (config.key_dim + config.value_dim), 16 // ratio, 12 // ratio)
-    expected = _naive_window_attention(module, query, key_value)
+    expected, expected_weights = _naive_window_attention(module, query, key_value)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     with torch.no_grad():
-        output = module(query.contiguous(memory_format=layout), key_value.contiguous(memory_format=layout))
+        inputs = (query.contiguous(memory_format=layout), key_value.contiguous(memory_format=layout))
+        output, no_weights = module(*inputs)
+        with_weights, weights = module(*inputs, output_attentions=True)
     torch.testing.assert_close(output, expected)
     assert output.is_contiguous(memory_format=layout)  # the layout is kept for the projection that follows
+    assert no_weights is None
+    torch.testing.assert_close(with_weights, output, rtol=0, atol=0)
+    if implementation == "eager":  # the weights in the documented layout (batch, windows, heads, Nq, Nkv)
+        torch.testing.assert_close(weights, expected_weights)
+    else:
+        assert weights is None  # SDPA computes none
+
+
+def test_attention_outputs_one_entry_per_block(tiny):
+    # The tiny config: stage 1 has three groups of different windows, stage 2 two, stage 3 two of the same window but
+    # different key / value pooling; one block per stage. Every block's entry is then a tuple, one tensor per group.
+    torch.manual_seed(0)
+    model = CMSAForImageClassification._from_config(tiny, attn_implementation="eager").eval()
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        plain = model(pixels)
+        out = model(pixels, output_attentions=True)
+        as_tuple = model(pixels, output_attentions=True, return_dict=False)
+    torch.testing.assert_close(out.logits, plain.logits, rtol=0, atol=0)
+    assert plain.attentions is None and len(out.attentions) == sum(tiny.depths) and len(as_tuple) == 2
+    for stage, block in enumerate(out.attentions):
+        assert isinstance(block, tuple) and len(block) == len(tiny.num_heads[stage])
+        (height, width), windows = tiny.stage_resolutions()[stage], tiny.window_sizes(stage)
+        for group, weights in enumerate(block):
+            (wh, ww), ratio = windows[group], tiny.kv_pool_ratios[stage][group]
+            shape = (2, (height // wh) * (width // ww), tiny.num_heads[stage][group], wh * ww, (wh // ratio) * (ww // ratio))
+            assert weights.shape == shape
+            torch.testing.assert_close(weights.sum(-1), torch.ones(shape[:-1]))
+
+
+def test_attention_outputs_of_equal_groups_are_one_tensor():
+    config = tiny_config(window_splits=[[2, 2, 2], [1, 2], [1, 1]], kv_pool_ratios=[[2, 2, 2], [2, 2], [1, 1]])
+    model = CMSAModel._from_config(config, attn_implementation="eager").eval()
+    model.config.output_attentions = True  # from the config as well
+    with torch.no_grad():
+        attentions = model(torch.randn(2, 3, 16, 16)).attentions
+    # stage 1: 3 groups of 2x2 windows of 8x8, pooled to 4x4 -> heads concatenated; stage 2: different windows.
+    assert attentions[0].shape == (2, 4, 3, 64, 16) and attentions[2].shape == (2, 1, 2, 16, 16)
+    assert isinstance(attentions[1], tuple) and [w.shape[1] for w in attentions[1]] == [1, 4]
+
+
+def test_sdpa_warns_that_it_returns_no_attentions(tiny):
+    model = CMSAForImageClassification._from_config(tiny, attn_implementation="sdpa").eval()
+    with pytest.warns(UserWarning, match=r"output_attentions=True needs the eager attention.*sdpa"):
+        out = model(torch.randn(2, 3, 16, 16), output_attentions=True)
+    assert out.attentions is None
+    with pytest.raises(ValueError, match="output_attentions"):  # transformers refuses it in the config
+        model.config.output_attentions = True
+
+
+def test_input_embeddings_are_the_stem(tiny):
+    for model in (CMSAModel(tiny), CMSAForImageClassification(tiny)):
+        assert model.get_input_embeddings() is model.base_model.stages[0].embedding
 
 
 def test_channels_last_model_matches_and_trains(tiny):
@@ -278,7 +338,7 @@ def test_mismatched_checkpoint_names_the_parameter(tmp_path, tiny):
     config = json.loads((tmp_path / "config.json").read_text())
     config["hidden_sizes"] = [16, 24, 40]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"cmsa\.stages\.2\..*checkpoint \(32.*\) vs model \(40"):
+    with pytest.raises(RuntimeError, match=r"cmsa\.stages\.2\..*checkpoint \(32.*\) vs model \(40"):
         CMSAForImageClassification.from_pretrained(tmp_path)
 
 
@@ -288,11 +348,103 @@ def test_new_label_count_needs_ignore_mismatched_sizes(tmp_path, tiny):
     original.save_pretrained(tmp_path)
     id2label = {i: f"new-{i}" for i in range(5)}
     labels = {"id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
-    with pytest.raises(ValueError, match=r"classifier\.weight: checkpoint \(3, 36\) vs model \(5, 36\)"):
+    with pytest.raises(RuntimeError, match=r"classifier\.weight: checkpoint \(3, 36\) vs model \(5, 36\)"):
         CMSAForImageClassification.from_pretrained(tmp_path, **labels)
     model = CMSAForImageClassification.from_pretrained(tmp_path, ignore_mismatched_sizes=True, **labels)
     assert model.classifier.out_features == 5 and model.config.num_labels == 5
     torch.testing.assert_close(model.cmsa.state_dict(), original.cmsa.state_dict())
+
+
+def test_missing_weights_are_initialised_and_reported(tmp_path, tiny):
+    # transformers' convention: initialised by _init_weights, listed in missing_keys; plus a warning naming them.
+    torch.manual_seed(0)
+    original = _nontrivial(CMSAForImageClassification(tiny))
+    state = {k: v for k, v in original.state_dict().items() if not k.startswith("cmsa.stages.2.")}
+    CMSAForImageClassification(tiny).save_pretrained(tmp_path, state_dict=state)
+    with pytest.warns(UserWarning, match=r"partial CMSA checkpoint: \d+ backbone weights .*cmsa\.stages\.2\.blocks"):
+        model, info = CMSAForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == {k for k in original.state_dict() if k.startswith("cmsa.stages.2.")}
+    fresh = CMSAForImageClassification(tiny).state_dict()
+    for key, value in model.state_dict().items():
+        if key.startswith("cmsa.stages.2.") and "norm" in key and key.endswith("weight"):
+            torch.testing.assert_close(value, fresh[key])  # _init_weights' ones, not uninitialised memory
+        elif not key.startswith("cmsa.stages.2."):
+            assert torch.equal(value, original.state_dict()[key]), key
+
+
+def test_from_pretrained_without_a_checkpoint(tiny):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every weight initialised, as asked: no warning
+        model = CMSAForImageClassification.from_pretrained(None, config=tiny, state_dict={})
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+    state = CMSAForImageClassification(tiny).state_dict()
+    loaded = CMSAForImageClassification.from_pretrained(None, config=tiny, state_dict=state)
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize("loading", [{"device_map": "cpu"}, {"low_cpu_mem_usage": True}])
+def test_auto_class_loads_on_meta_first(tmp_path, tiny, loading):
+    torch.manual_seed(0)
+    original = _nontrivial(CMSAForImageClassification(tiny)).eval()
+    original.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path, **loading)
+    assert type(loaded) is CMSAForImageClassification
+    assert {p.device.type for p in loaded.parameters()} | {b.device.type for b in loaded.buffers()} == {"cpu"}
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(pixels).logits, original(pixels).logits, rtol=0, atol=0)
+
+
+def test_model_builds_on_the_meta_device(tiny):
+    with torch.device("meta"):
+        model = CMSAForImageClassification(tiny)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    rates = [block.drop_path_rate for stage in model.cmsa.stages for block in stage.blocks]
+    assert rates == pytest.approx(torch.linspace(0, tiny.drop_path_rate, sum(tiny.depths)).tolist())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_named_at_load(tmp_path, tiny, value):
+    model = CMSAForImageClassification(tiny)
+    with torch.no_grad():
+        model.cmsa.stages[1].blocks[0].mlp.fc1.weight[0, :3] = value
+    model.save_pretrained(tmp_path)
+    kind = "3 NaN, 0 inf" if value != value else "0 NaN, 3 inf"
+    with pytest.raises(ValueError, match=rf"non-finite.*\n  cmsa\.stages\.1\.blocks\.0\.mlp\.fc1\.weight \({kind}"):
+        CMSAForImageClassification.from_pretrained(tmp_path)
+
+
+def test_config_without_a_computational_field_warns(tmp_path, tiny):
+    CMSAForImageClassification(tiny.__class__(**{**tiny.to_dict(), "hidden_act": "relu"})).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["hidden_act"], config["skeleton"]  # the activation changes the computation; the skeleton does not
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"does not set hidden_act; the defaults are used \(hidden_act='gelu'\)") as record:
+        CMSAForImageClassification.from_pretrained(tmp_path)
+    assert not any("skeleton" in str(w.message) for w in record)
+    # Given as a keyword, the field is not missing.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert CMSAForImageClassification.from_pretrained(tmp_path, hidden_act="relu").config.hidden_act == "relu"
+
+
+def test_another_tasks_checkpoint_warns_with_what_was_dropped_and_initialised(tmp_path, tiny):
+    CMSAForKeypointDetection(tiny).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning) as record:
+        model = CMSAForImageClassification.from_pretrained(tmp_path)
+    message = " ".join(str(w.message) for w in record)
+    assert "CMSAForKeypointDetection checkpoint loaded as CMSAForImageClassification" in message
+    assert re.search(r"Initialised with _init_weights: classifier, neck\.projection\.bn, neck\.projection\.conv", message)
+    assert re.search(r"Dropped \(not used by CMSAForImageClassification\): head\.heatmaps\.bn, .*head\.neck", message)
+    assert torch.isfinite(model.classifier.weight).all()
+
+
+def test_backbone_of_a_task_checkpoint_loads_silently(tmp_path, tiny):
+    CMSAForImageClassification(tiny).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert type(CMSAModel.from_pretrained(tmp_path)) is CMSAModel
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny):
@@ -388,7 +540,7 @@ def test_reparameterized_checkpoint_with_a_multi_branch_config_is_refused(tmp_pa
     config = json.loads((tmp_path / "config.json").read_text())
     config["reparameterized"] = False
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"(?s)missing from the checkpoint.*reparameterized=true"):
+    with pytest.raises(ValueError, match=r"are reparameterized \(for example .*reparam_conv.*need reparameterized=true"):
         CMSAForImageClassification.from_pretrained(tmp_path)
 
 
