@@ -21,7 +21,7 @@ from conftest import REPO_ROOT, make_aflw2000, make_coco_keypoints, tiny_config
 from cmsa_hf import CMSAForHeadPoseEstimation, CMSAForImageClassification, CMSAForKeypointDetection
 
 
-NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "outputs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs")
+NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".cache", "outputs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs")
 
 
 # Nothing on the path but the fresh environment's own site-packages (and, through it, the dependencies).
