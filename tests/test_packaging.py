@@ -21,7 +21,9 @@ from conftest import REPO_ROOT, make_aflw2000, make_coco_keypoints, tiny_config
 from cmsa_hf import CMSAForHeadPoseEstimation, CMSAForImageClassification, CMSAForKeypointDetection
 
 
-NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".cache", "outputs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs")
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git", ".venv", ".cache", "outputs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs"
+)
 
 
 # Nothing on the path but the fresh environment's own site-packages (and, through it, the dependencies).
@@ -74,7 +76,8 @@ def test_installed_package_is_the_wheel(installed_python, tmp_path):
 
 def tiny_model(model_class, folder: Path) -> Path:
     torch.manual_seed(0)
-    model_class(tiny_config(**({"num_labels": 10} if model_class is CMSAForImageClassification else {}))).save_pretrained(folder)
+    labels = {"num_labels": 10} if model_class is CMSAForImageClassification else {}  # the digits' classes
+    model_class(tiny_config(**labels)).save_pretrained(folder)
     return folder
 
 
