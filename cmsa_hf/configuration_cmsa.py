@@ -182,12 +182,23 @@ class CMSAConfig(PreTrainedConfig):
         self.keypoint_names = [str(name) for name in self.keypoint_names]
         self.flip_pairs = [[int(i) for i in pair] for pair in self.flip_pairs]
         self.skeleton = [[int(i) for i in edge] for edge in self.skeleton]
+        self._validate_positive()
         self._validate_architecture()
         self._validate_keypoints()
         self._validate_head_pose()
+        # A saved config (it carries transformers_version) loaded with a new num_labels is a new classifier head:
+        # transformers then names the new labels LABEL_i, as ever. Given together in code, the two must agree.
+        num_labels = kwargs.get("num_labels")
+        loaded = self.transformers_version is not None
+        if num_labels is not None and self.id2label is not None and num_labels != len(self.id2label) and not loaded:
+            raise ValueError(
+                f"num_labels={kwargs['num_labels']} disagrees with id2label, which names {len(self.id2label)} labels: "
+                "give one of them (num_labels follows id2label)"
+            )
         if remote_pipelines := _tasks_served_remotely(kwargs.pop("custom_pipelines", None) or {}):
             kwargs["custom_pipelines"] = remote_pipelines
         super().__post_init__(**kwargs)
+        self._validate_labels()
 
     @classmethod
     def from_variant(cls, name: str, **overrides) -> "CMSAConfig":
@@ -233,6 +244,11 @@ class CMSAConfig(PreTrainedConfig):
         return len(self.keypoint_names)
 
     @property
+    def head_pose_max_angle(self) -> float:
+        """The largest |angle| (degrees) the head-pose heads express: half the bins' span (99 for 66 x 3)."""
+        return 0.5 * self.head_pose_bins * self.head_pose_bin_width
+
+    @property
     def value_dim(self) -> int:
         """Value channels per head."""
         return self.key_dim * self.value_ratio
@@ -249,6 +265,35 @@ class CMSAConfig(PreTrainedConfig):
             return [tuple(window) for window in self.fixed_window_sizes[stage]]
         height, width = self.stage_resolutions()[stage]
         return [(height // split, width // split) for split in self.window_splits[stage]]
+
+    def _validate_positive(self):
+        """Counts and sizes must be at least 1 (a zero or negative depth would silently move blocks between stages)."""
+        fields = {
+            "hidden_sizes": self.hidden_sizes, "depths": self.depths, "num_heads": sum(self.num_heads, []),
+            "ssr_stage_bins": self.ssr_stage_bins,
+        }  # fmt: skip
+        for name in ("key_dim", "value_ratio", "mlp_ratio", "conv_kernel_size", "stem_stride", "head_pose_bins"):
+            fields[name] = [getattr(self, name)]
+        for name, values in fields.items():
+            if any(value < 1 for value in values):
+                raise ValueError(f"{name} must be at least 1 everywhere, got {getattr(self, name)}")
+        if not self.head_pose_bin_width > 0:
+            raise ValueError(f"head_pose_bin_width must be positive, got {self.head_pose_bin_width}")
+
+    def _validate_labels(self):
+        """id2label must name the ids 0 .. num_labels - 1, and label2id (when given) be its inverse."""
+        ids = sorted(self.id2label)
+        if ids != list(range(len(ids))):
+            raise ValueError(f"id2label must have the contiguous ids 0..{len(ids) - 1}, got {ids}")
+        if self.label2id is not None:
+            inverse = {name: i for i, name in self.id2label.items()}
+            label2id = {name: int(i) for name, i in self.label2id.items()}
+            if label2id != inverse:
+                wrong = sorted(set(label2id.items()) ^ set(inverse.items()), key=str)
+                raise ValueError(
+                    f"label2id is not the inverse of id2label (differences: {wrong[:6]}): give id2label alone, "
+                    "or label2id = {name: id for id, name in id2label.items()}"
+                )
 
     def _validate_architecture(self):
         if self.window_layout not in WINDOW_LAYOUTS:

@@ -63,11 +63,7 @@ def image_classification_card(
         task="image-classification",
         tags=["image-classification"],
         metric_id="accuracy",
-        metrics={
-            "accuracy": ("accuracy", "top-1 accuracy"),
-            "top5_accuracy": ("top-5-accuracy", "top-5 accuracy"),
-            "loss": ("cross-entropy", "cross-entropy loss"),
-        },
+        metrics=MODEL_INDEX_METRICS["image-classification"],
         num_labels=config.num_labels,
         label_names=", ".join(config.id2label[i] for i in range(config.num_labels)),
         eval_split_description=eval_split_description,
@@ -91,7 +87,7 @@ def keypoint_detection_card(model, results: dict, *, eval_description: str, **ru
         task="keypoint-detection",
         tags=["keypoint-detection", "human-pose-estimation"],
         metric_id="oks-ap",
-        metrics={name: (f"oks-{name.lower()}", title) for name, title in COCO_METRIC_NAMES.items()},
+        metrics=MODEL_INDEX_METRICS["keypoint-detection"],
         num_keypoints=config.num_keypoints,
         keypoint_names=", ".join(config.keypoint_names),
         heatmap_size="x".join(map(str, config.stage_resolutions()[0])),
@@ -114,7 +110,7 @@ def head_pose_card(model, results: dict, *, eval_description: str, **run) -> Mod
         task="head-pose-estimation",
         tags=["head-pose-estimation"],
         metric_id="mae",
-        metrics={name: (name, title) for name, title in HEAD_POSE_METRIC_NAMES.items()},
+        metrics=MODEL_INDEX_METRICS["head-pose-estimation"],
         head=config.head_pose_head,
         bins=config.head_pose_bins,
         bin_width=config.head_pose_bin_width,
@@ -124,6 +120,18 @@ def head_pose_card(model, results: dict, *, eval_description: str, **run) -> Mod
         **run,
     )
 
+
+# The model-index metrics of each task's card: all_results.json key (without "eval_") -> (metric type, name). The
+# publish check matches a card's metrics back to all_results.json by these types.
+MODEL_INDEX_METRICS = {
+    "image-classification": {
+        "accuracy": ("accuracy", "top-1 accuracy"),
+        "top5_accuracy": ("top-5-accuracy", "top-5 accuracy"),
+        "loss": ("cross-entropy", "cross-entropy loss"),
+    },
+    "keypoint-detection": {name: (f"oks-{name.lower()}", title) for name, title in COCO_METRIC_NAMES.items()},
+    "head-pose-estimation": {name: (name, title) for name, title in HEAD_POSE_METRIC_NAMES.items()},
+}
 
 # Hub pipeline tags of the tasks that have one (head pose has none), and the tasks' names in the model-index.
 PIPELINE_TAGS = {"image-classification": "image-classification", "keypoint-detection": "keypoint-detection"}

@@ -62,8 +62,43 @@ def to_rgb_image(image) -> Image.Image:
             array = np.moveaxis(array, 0, -1)
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
-        image = to_pil_image(array)
+        image = Image.fromarray(array) if array.ndim == 2 and array.dtype == np.uint8 else to_pil_image(array)
     return Image.fromarray(convert_to_rgb(image, return_numpy=True))
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def checked_image(image, index: int = 0):
+    """Refuse an empty image or non-finite / out-of-range float pixels (naming image `index`), and turn the images
+    whose values 8-bit processing would misread into 8-bit RGB: 16-bit PIL images (`I;16`) scaled by 255 / 65535,
+    float images (PIL mode `F`, float arrays and tensors) with values in [0, 1] scaled by 255 (both rounded). Float
+    images with values up to 255 stay 0..255 images, as transformers reads them; other images are returned as given.
+    """
+    if isinstance(image, Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"image {index} is empty ({image.width}x{image.height} pixels)")
+        if image.mode in SIXTEEN_BIT_MODES:
+            return to_rgb_image(np.round(np.asarray(image, dtype=np.float64) * (255 / 65535)).astype(np.uint8))
+        if image.mode != "F":
+            return image
+        array = np.asarray(image)
+    else:
+        array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) and image.is_floating_point() else image
+    if not isinstance(array, np.ndarray):
+        return image
+    if array.size == 0:
+        raise ValueError(f"image {index} is empty (shape {array.shape})")
+    if not np.issubdtype(array.dtype, np.floating):
+        return image
+    if not np.isfinite(array).all():
+        raise ValueError(f"image {index} holds NaN or inf pixel values")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 255:
+        raise ValueError(f"image {index} has float values from {low:g} to {high:g}: expected [0, 1] (or 0..255)")
+    if high > 1 or array.ndim not in (2, 3):
+        return image
+    return to_rgb_image(np.round(array * 255).astype(np.uint8))
 
 
 class CMSAImageProcessor(PilBackend):
@@ -72,7 +107,9 @@ class CMSAImageProcessor(PilBackend):
     per image): crop each box with an affine transform that keeps the model's aspect ratio and pads the box by
     `box_padding` (x1.25 for persons, as in the HRNet protocol). Then rescale to [0, 1] and normalize (ImageNet
     mean / std). Takes PIL images, NumPy arrays and torch tensors (HWC or CHW), one or a list; grayscale, RGBA
-    (composited on white) and palette images become RGB. Returns `pixel_values` (images or boxes, 3, H, W).
+    (composited on white) and palette images become RGB. 16-bit (`I;16`) images and float images in [0, 1] (PIL mode
+    `F`, float arrays) are first converted to 8-bit (`checked_image`); an empty image, NaN / inf pixels and a box with
+    NaN / inf coordinates are errors. Returns `pixel_values` (images or boxes, 3, H, W).
 
     `post_process_keypoint_detection` decodes pose heatmaps (`decoder` "dark" or "quarter", Gaussian
     `heatmap_sigma` of the training targets) back to image coordinates. Build a processor for a model with
@@ -133,6 +170,8 @@ class CMSAImageProcessor(PilBackend):
                 if len(box) != 4:
                     raise ValueError(f"image {index}, box {box_index}: expected [x, y, width, height], got {list(box)}")
                 x, y, box_w, box_h = (float(v) for v in box)
+                if not np.isfinite([x, y, box_w, box_h]).all():
+                    raise ValueError(f"image {index}, box {box_index}: NaN or inf coordinates in {list(box)}")
                 if not (box_w > 0 and box_h > 0):
                     raise ValueError(f"image {index}, box {box_index}: zero or negative size in {list(box)}")
                 if x >= width or y >= height or x + box_w <= 0 or y + box_h <= 0:
@@ -151,6 +190,10 @@ class CMSAImageProcessor(PilBackend):
     def preprocess(self, images, boxes=None, return_tensors=None, **kwargs) -> BatchFeature:
         """images: one image or a list. boxes (optional): per image a list of `[x, y, width, height]`; for one
         image, its list of boxes. With boxes, `pixel_values` holds one crop per box, in image order."""
+        if isinstance(images, (list, tuple)):
+            images = [checked_image(image, index) for index, image in enumerate(images)]
+        else:
+            images = checked_image(images)
         if boxes is None:
             return super().preprocess(images, return_tensors=return_tensors, **kwargs)
         if not isinstance(images, (list, tuple)):

@@ -6,6 +6,8 @@ multi-stage fusion -> `CMSAModel` -> task heads. Where the paper is vague it fol
 code (github.com/xyongLu/CMSA, `models/cmasformer.py`); see `configuration_cmsa.py` for the numbers.
 """
 
+import difflib
+import inspect
 import math
 import os
 import warnings
@@ -21,7 +23,7 @@ from transformers.activations import ACT2FN
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, TransformersKwargs
 
 from .codecs import AngleBinCodec, flip_heatmaps_back, mirror_angles
 from .configuration_cmsa import CMSAConfig
@@ -510,13 +512,32 @@ def reparameterize_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_pixel_values(pixel_values: torch.Tensor, config: CMSAConfig):
-    """Raise a ValueError naming expected vs given shape for input the model cannot take."""
+def check_pixel_values(pixel_values: torch.Tensor, config: CMSAConfig, dtype: torch.dtype, training: bool):
+    """Raise a clear error for input the model cannot take: not a tensor (TypeError), a dtype other than the model's
+    `dtype` (outside autocast), a shape other than (batch >= 1, num_channels, *image_size), and, when `training`,
+    NaN / inf pixels (which would poison the BatchNorm running statistics for good). In eval mode pixels are not
+    checked for NaN / inf (that is a full pass over the batch): a non-finite pixel makes that image's outputs NaN and
+    leaves the other images of the batch untouched (eval-mode BatchNorm uses its running statistics)."""
     expected = (config.num_channels, *config.image_size)
-    shape = tuple(pixel_values.shape)
     expected_text = f"(batch_size, {expected[0]}, {expected[1]}, {expected[2]})"
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(
+            f"pixel_values must be a torch.Tensor {expected_text} of dtype {dtype}, got a {type(pixel_values).__name__}: "
+            "convert it with torch.from_numpy / torch.as_tensor, or use CMSAImageProcessor(..., return_tensors='pt')"
+        )
+    shape = tuple(pixel_values.shape)
+    if pixel_values.dtype != dtype and not (
+        pixel_values.is_floating_point() and torch.is_autocast_enabled(pixel_values.device.type)
+    ):
+        raise TypeError(
+            f"pixel_values has dtype {pixel_values.dtype} but the model's weights are {dtype}: give {dtype} pixel "
+            "values (rescaled and normalized, as CMSAImageProcessor returns them; integer images need the processor), "
+            "or cast the model with model.to(dtype)"
+        )
     if pixel_values.dim() != 4:
         raise ValueError(f"pixel_values must be a 4D tensor {expected_text}, got a {pixel_values.dim()}D tensor {shape}")
+    if shape[0] == 0:
+        raise ValueError(f"pixel_values is an empty batch {shape}: expected {expected_text} with batch_size >= 1")
     if shape[1] != expected[0]:
         raise ValueError(
             f"pixel_values has {shape[1]} channels but the model expects {expected[0]} "
@@ -528,6 +549,45 @@ def check_pixel_values(pixel_values: torch.Tensor, config: CMSAConfig):
             f"{expected[1]}x{expected[2]}: expected {expected_text}, got {shape}. Resize the images "
             "(CMSAImageProcessor does) or build the model with a matching config.image_size."
         )
+    if training and not torch.isfinite(pixel_values).all():
+        bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"pixel_values holds NaN or inf values (images {bad[:10]} of the batch) in training mode: they would "
+            "poison the BatchNorm running statistics for good. Check the data (the processor refuses such images)."
+        )
+
+
+# Keyword arguments transformers may pass to any model (Trainer's `num_items_in_batch`, generic output flags): accepted
+# and ignored, as transformers' own models do. transformers 5 models ignore every other keyword as well; here any
+# other is an error, so that a misspelt argument (`label=` for `labels=`) cannot silently drop the loss.
+IGNORED_FORWARD_KWARGS = frozenset(TransformersKwargs.__annotations__)
+
+
+def check_finite_targets(name: str, targets: torch.Tensor | None):
+    """Raise a TypeError for targets that are not a tensor and a ValueError naming the samples with NaN / inf."""
+    if targets is None:
+        return
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got a {type(targets).__name__}: use torch.tensor({name})")
+    if targets.dim() and not torch.isfinite(targets).all():
+        bad = (~torch.isfinite(targets)).reshape(targets.shape[0], -1).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"{name} holds NaN or inf values (samples {bad[:10]} of the batch)")
+
+
+def check_forward_kwargs(model: nn.Module, kwargs: dict):
+    """Raise a TypeError naming the keyword arguments that `model.forward` does not take."""
+    unknown = sorted(set(kwargs) - IGNORED_FORWARD_KWARGS)
+    if not unknown:
+        return
+    accepted = [name for name in inspect.signature(type(model).forward).parameters if name not in ("self", "kwargs")]
+    hints = [
+        f"{name!r} (did you mean {match[0]!r}?)" if (match := difflib.get_close_matches(name, accepted, n=1)) else repr(name)
+        for name in unknown
+    ]
+    raise TypeError(
+        f"{type(model).__name__}.forward() got unexpected keyword argument(s) {', '.join(hints)}; "
+        f"it takes {', '.join(accepted)}"
+    )
 
 
 # CMSAConfig fields that only set the initialisation or describe (drawing); every other one changes the computation.
@@ -797,6 +857,10 @@ class CMSAModel(CMSAPreTrainedModel):
     tensor per group, in cascade order. `windows` counts the group's windows on the stage map (row-major), Nq is
     the window's positions (window height x width, row-major) and Nkv those of the window pooled by the group's
     `kv_pool_ratios`.
+
+    `pixel_values` (batch, num_channels, *image_size) in the weights' dtype are checked by `check_pixel_values`;
+    NaN / inf pixels are refused in training mode only: in eval mode they make that image's outputs NaN, the other
+    images of the batch keep theirs. Unknown keyword arguments are a TypeError (`check_forward_kwargs`).
     """
 
     def __init__(self, config: CMSAConfig, add_fusion_layer: bool | None = None):
@@ -824,7 +888,8 @@ class CMSAModel(CMSAPreTrainedModel):
         )
         output_attentions = self._wants_attentions(output_attentions)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        check_pixel_values(pixel_values, self.config)
+        check_forward_kwargs(self, kwargs)
+        check_pixel_values(pixel_values, self.config, self.dtype, self.training)
         if self.training and self.config.reparameterized:
             raise RuntimeError(
                 "This CMSA model is reparameterized (inference-only): its BatchNorms are folded away. Call "
@@ -855,14 +920,17 @@ class CMSAForImageClassification(CMSAPreTrainedModel):
     pipeline_task = "image-classification"
 
     def __init__(self, config: CMSAConfig):
+        if config.num_labels < 1:
+            raise ValueError(
+                f"CMSAForImageClassification needs num_labels >= 1, got {config.num_labels} (for features without a classifier use "
+                "CMSAModel and its pooler_output)"
+            )
         super().__init__(config)
         self.num_labels = config.num_labels
         self.cmsa = CMSAModel(config)
         self.neck = CMSAFusionNeck(config)
         self.dropout = nn.Dropout(config.classifier_dropout)
-        self.classifier = (
-            nn.Linear(self.neck.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
-        )
+        self.classifier = nn.Linear(self.neck.hidden_size, config.num_labels)
         self.post_init()
 
     def forward(
@@ -874,8 +942,12 @@ class CMSAForImageClassification(CMSAPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
-        """labels: (batch,) class indices, or (batch, num_labels) targets for regression / multi-label.
+        """labels: (batch,) integer class indices (-100 is ignored), or for `config.problem_type`
+        "multi_label_classification" / "regression" float targets (batch, num_labels) ((batch,) for one label).
+        With `problem_type` unset, transformers infers it from the first labels (integer: single-label, float:
+        multi-label, num_labels == 1: regression) and keeps it; `_check_labels` lists what each type takes.
         Returns `hidden_states` and `attentions` as `CMSAModel` does."""
+        check_forward_kwargs(self, kwargs)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.cmsa(
             pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True
@@ -885,7 +957,7 @@ class CMSAForImageClassification(CMSAPreTrainedModel):
 
         loss = None
         if labels is not None:
-            self._check_labels(labels)
+            self._check_labels(labels, logits.shape[0])
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
 
         if not return_dict:
@@ -895,16 +967,60 @@ class CMSAForImageClassification(CMSAPreTrainedModel):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
-    def _check_labels(self, labels: torch.Tensor):
-        """Class-index labels must lie in [0, num_labels) (or be the ignore index -100)."""
-        if labels.is_floating_point() or self.config.problem_type in ("regression", "multi_label_classification"):
-            return
-        valid = labels[labels != -100]
-        if valid.numel() and (valid.min() < 0 or valid.max() >= self.num_labels):
-            raise ValueError(
-                f"labels must be class indices in [0, {self.num_labels}) (num_labels={self.num_labels}), "
-                f"got values from {int(valid.min())} to {int(valid.max())}"
+    def _check_labels(self, labels: torch.Tensor, batch_size: int):
+        """Labels must fit `config.problem_type` (or, unset, the type transformers will infer from them):
+        single-label: integer (int64 / int32) class indices (batch,) in [0, num_labels) or -100, not all -100;
+        multi-label: float (batch, num_labels); regression: float (batch, num_labels), or (batch,) for one label."""
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(
+                f"labels must be a torch.Tensor, got a {type(labels).__name__}: use torch.tensor(labels) "
+                "(integer class indices of shape (batch,))"
             )
+        shape, num_labels = tuple(labels.shape), self.num_labels
+        if not shape or shape[0] != batch_size:
+            raise ValueError(f"labels has shape {shape} for a batch of {batch_size} images: expected {batch_size} rows")
+        problem_type = self.config.problem_type
+        if problem_type is None:
+            if num_labels == 1:
+                problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem_type = "single_label_classification"
+            elif labels.is_floating_point() and shape == (batch_size, num_labels):
+                problem_type = "multi_label_classification"
+            else:
+                raise ValueError(
+                    f"labels of dtype {labels.dtype} and shape {shape} fit no problem type (config.problem_type is "
+                    f"unset): class indices must be int64 of shape ({batch_size},) (labels.long()); multi-label "
+                    f"targets float of shape ({batch_size}, {num_labels}); or set config.problem_type"
+                )
+        # transformers sets config.problem_type from the first labels it sees when it is unset, and keeps it.
+        origin = (
+            f"config.problem_type is {problem_type!r} (set in the config, or inferred by transformers from the "
+            "first labels this model was given and kept since)"
+        )
+        if problem_type == "single_label_classification":
+            if labels.dtype not in (torch.long, torch.int):
+                raise ValueError(
+                    f"{origin}: labels must be integer class indices (int64), got dtype {labels.dtype} "
+                    "(float class ids: labels.long())"
+                )
+            if labels.dim() != 1:
+                raise ValueError(f"{origin}: labels must have shape ({batch_size},) (one class index per image), got {shape}")
+            valid = labels[labels != -100]
+            if not valid.numel():
+                raise ValueError("every label of the batch is the ignore index -100: the loss would be NaN")
+            if valid.min() < 0 or valid.max() >= num_labels:
+                raise ValueError(
+                    f"labels must be class indices in [0, {num_labels}) (num_labels={num_labels}), "
+                    f"got values from {int(valid.min())} to {int(valid.max())}"
+                )
+        elif problem_type in ("multi_label_classification", "regression"):
+            expected = [(batch_size, num_labels)] + ([(batch_size,)] if problem_type == "regression" and num_labels == 1 else [])
+            if not labels.is_floating_point() or shape not in expected:
+                raise ValueError(
+                    f"{origin}: labels must be float targets of shape {' or '.join(map(str, expected))}, "
+                    f"got dtype {labels.dtype} and shape {shape}"
+                )
 
 
 @dataclass
@@ -991,6 +1107,11 @@ class CMSAForKeypointDetection(CMSAPreTrainedModel):
         flip_test: also run the mirrored crops and average their heatmaps, flipped back with left / right swapped
             (`hidden_states` and `attentions` are those of the unflipped crops).
         """
+        check_forward_kwargs(self, kwargs)
+        if target_weights is not None and target_heatmaps is None:
+            raise ValueError("target_weights was given without target_heatmaps: the loss needs both (weights default to 1)")
+        for name, value in (("target_heatmaps", target_heatmaps), ("target_weights", target_weights)):
+            check_finite_targets(name, value)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.cmsa(
             pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True
@@ -1079,7 +1200,7 @@ class CMSASoftStagewiseHead(nn.Module):
     def __init__(self, config: CMSAConfig):
         super().__init__()
         self.stage_bins = list(config.ssr_stage_bins)
-        self.half_range = 0.5 * config.head_pose_bins * config.head_pose_bin_width
+        self.half_range = config.head_pose_max_angle
         channels = list(reversed(config.hidden_sizes))
         self.distributions = nn.ModuleList(nn.Linear(c, 3 * s) for c, s in zip(channels, self.stage_bins))
         self.shifts = nn.ModuleList(nn.Linear(c, 3) for c in channels)
@@ -1133,6 +1254,9 @@ class CMSAForHeadPoseEstimation(CMSAPreTrainedModel):
         flip_test: also run the mirrored faces and average, their yaw and roll negated (bins reversed): the
             prediction then mirrors exactly with the face (`hidden_states` and `attentions`: the unflipped faces').
         """
+        check_forward_kwargs(self, kwargs)
+        if labels is not None:
+            self._check_labels(labels)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.cmsa(
             pixel_values, output_attentions=output_attentions, output_hidden_states=True, return_dict=True
@@ -1162,6 +1286,18 @@ class CMSAForHeadPoseEstimation(CMSAPreTrainedModel):
         return CMSAHeadPoseOutput(
             loss=loss, angles=angles, logits=logits, hidden_states=hidden_states, attentions=outputs.attentions
         )
+
+    def _check_labels(self, labels: torch.Tensor):
+        """Finite angles in degrees within the range the heads can express (+-config.head_pose_max_angle)."""
+        check_finite_targets("labels", labels)
+        limit = self.config.head_pose_max_angle
+        beyond = (labels.abs() > limit).any(dim=-1).nonzero().flatten().tolist() if labels.dim() == 2 else []
+        if beyond:
+            raise ValueError(
+                f"labels of samples {beyond[:10]} lie outside [-{limit:g}, {limit:g}] degrees, the range of the angle "
+                f"bins (head_pose_bins={self.config.head_pose_bins} x head_pose_bin_width="
+                f"{self.config.head_pose_bin_width:g}): drop such faces (as the AFLW2000 protocol does) or widen the bins"
+            )
 
 
 __all__ = [

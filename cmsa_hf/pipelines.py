@@ -8,7 +8,7 @@ follows the model class; transformers' own "keypoint-matching" task matches poin
 from transformers import Pipeline
 from transformers.image_utils import load_image
 
-from .image_processing_cmsa import to_rgb_image
+from .image_processing_cmsa import checked_image, to_rgb_image
 
 
 class _BoxPipeline(Pipeline):
@@ -35,7 +35,7 @@ class _BoxPipeline(Pipeline):
     def preprocess(self, inputs, boxes=None, timeout=None):
         if isinstance(inputs, dict):
             inputs, boxes = inputs["image"], inputs.get("boxes", boxes)
-        image = to_rgb_image(load_image(inputs, timeout=timeout) if isinstance(inputs, str) else inputs)
+        image = to_rgb_image(checked_image(load_image(inputs, timeout=timeout) if isinstance(inputs, str) else inputs))
         if boxes is None:
             boxes = [[0, 0, image.width, image.height]]
         features = self.image_processor(image, boxes=boxes, return_tensors="pt")

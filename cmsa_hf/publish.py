@@ -8,6 +8,7 @@ optionally add the reparameterized inference copy, and upload it (or, with a dry
 import argparse
 import fnmatch
 import json
+import tempfile
 from pathlib import Path
 
 from huggingface_hub import ModelCard
@@ -16,6 +17,7 @@ from transformers import AutoConfig, AutoImageProcessor
 from . import modeling_cmsa
 from .convert_cmsa_original_to_hf import add_convert_command
 from .hub import (
+    MODEL_INDEX_METRICS,
     REPARAMETERIZED_SUBFOLDER,
     UPLOAD_IGNORE_PATTERNS,
     card_for_repo,
@@ -24,11 +26,18 @@ from .hub import (
 )
 
 
+# all_results.json key of every model-index metric type the cards write.
+RESULT_KEY_OF_METRIC = {
+    metric_type: f"eval_{key}" for metrics in MODEL_INDEX_METRICS.values() for key, (metric_type, _) in metrics.items()
+}
+
+
 def validate_folder(folder) -> dict:
     """Load what a user will load and check the card against the run's results. Returns the card metadata.
 
-    Raises a ValueError naming the problem: a missing file, weights or processor that do not load, a card whose
-    model-index values differ from `all_results.json`.
+    Raises a ValueError naming the problem: a missing file, weights or processor that do not load, a card without a
+    model-index for a folder with measured results, a model-index metric whose value is not the `all_results.json`
+    value of the same metric (matched by metric type, e.g. `oks-ap50` to `eval_AP50`) or that names no result.
     """
     folder = Path(folder)
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "all_results.json"):
@@ -39,16 +48,31 @@ def validate_folder(folder) -> dict:
 
     card = ModelCard.load(folder / "README.md")
     metadata = card.data.to_dict()
-    results = json.loads((folder / "all_results.json").read_text())
-    measured = {value for key, value in results.items() if key.startswith("eval_")}
-    for entry in metadata.get("model-index", []):
-        for result in entry.get("results", []):
-            for metric in result.get("metrics", []):
-                if metric["value"] not in measured:
-                    raise ValueError(
-                        f"The card's {metric.get('name', metric['type'])} = {metric['value']} is not a measured value "
-                        f"of {folder / 'all_results.json'}"
-                    )
+    results_file = folder / "all_results.json"
+    results = json.loads(results_file.read_text())
+    metrics = [
+        metric
+        for entry in metadata.get("model-index", [])
+        for result in entry.get("results", [])
+        for metric in result.get("metrics", [])
+    ]
+    measured = sorted(key for key in results if key.startswith("eval_"))
+    if not metrics and measured:
+        raise ValueError(
+            f"{folder / 'README.md'} has no model-index: the card of a trained folder must report its measured "
+            f"results ({', '.join(measured)} in {results_file})"
+        )
+    for metric in metrics:
+        name, key = metric.get("name", metric.get("type")), RESULT_KEY_OF_METRIC.get(metric.get("type"))
+        if key not in results:
+            raise ValueError(
+                f"The card's metric {name!r} (type {metric.get('type')!r}) matches no result of {results_file} "
+                f"(known types: {', '.join(RESULT_KEY_OF_METRIC)})"
+            )
+        if metric.get("value") != results[key]:
+            raise ValueError(
+                f"The card's {name} = {metric.get('value')} is not a measured value: {results_file} has {key} = {results[key]}"
+            )
     return metadata
 
 
@@ -59,9 +83,10 @@ def files_to_upload(folder) -> list[str]:
     return sorted(f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in UPLOAD_IGNORE_PATTERNS))
 
 
-def add_reparameterized_copy(folder) -> Path:
-    """Write the folded inference copy of the folder's model into `folder/reparameterized`."""
-    return save_reparameterized_copy(load_model(folder), AutoImageProcessor.from_pretrained(folder), folder)
+def add_reparameterized_copy(folder, output_dir=None) -> Path:
+    """Write the folded inference copy of the folder's model into `output_dir/reparameterized` (default: `folder`)."""
+    model, processor = load_model(folder), AutoImageProcessor.from_pretrained(folder)
+    return save_reparameterized_copy(model, processor, output_dir if output_dir is not None else folder)
 
 
 def load_model(folder):
@@ -78,12 +103,20 @@ def publish(
     add_reparameterized: bool = False,
 ) -> dict:  # fmt: skip
     """Validate `folder`, optionally add the reparameterized copy, and upload it to `repo_id` (unless `dry_run`).
-    Returns what was (or would be) uploaded: repo_id, files, card metadata, url."""
+    Returns what was (or would be) uploaded: repo_id, files, card metadata, url. A dry run writes nothing into
+    `folder`: the reparameterized copy is built in a scratch folder, to check that it folds and to list its files."""
     validate_folder(folder)
+    files = files_to_upload(folder)
     if add_reparameterized and not (Path(folder) / REPARAMETERIZED_SUBFOLDER).is_dir():
-        add_reparameterized_copy(folder)
+        if dry_run:
+            with tempfile.TemporaryDirectory() as scratch:
+                add_reparameterized_copy(folder, scratch)
+                files = sorted(files + files_to_upload(scratch))
+        else:
+            add_reparameterized_copy(folder)
+            files = files_to_upload(folder)
     card = card_for_repo(ModelCard.load(Path(folder) / "README.md"), repo_id)
-    summary = {"repo_id": repo_id, "files": files_to_upload(folder), "card": card.data.to_dict(), "url": None}
+    summary = {"repo_id": repo_id, "files": files, "card": card.data.to_dict(), "url": None}
     summary["usage"] = [line for line in card.text.splitlines() if f'"{repo_id}"' in line]
     if not dry_run:
         card.save(Path(folder) / "README.md")  # the folder then says what the repository says

@@ -95,3 +95,35 @@ def test_window_layout_errors_name_the_problem():
         CMSAConfig.from_variant("cmsa-s", window_layout="fixed", fixed_window_sizes=[[(32, 24)] * 3, [(16, 12)], [(8, 6)] * 2])
     config = CMSAConfig.from_variant("cmsa-s", image_size=(64, 48), window_layout="fixed")
     assert CMSAConfig.from_dict(config.to_dict()).window_sizes(0) == config.window_sizes(0)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"depths": [2, -1, 3]}, r"depths must be at least 1 everywhere, got \[2, -1, 3\]"),
+        ({"depths": [2, 0, 3]}, r"depths must be at least 1 everywhere, got \[2, 0, 3\]"),
+        ({"hidden_sizes": [96, 0, 224]}, r"hidden_sizes must be at least 1"),
+        ({"num_heads": [[2, 0, 1], [3, 3], [4, 4]]}, r"num_heads must be at least 1"),
+        ({"head_pose_bins": 0}, r"head_pose_bins must be at least 1 everywhere, got 0"),
+        ({"head_pose_bin_width": 0.0}, r"head_pose_bin_width must be positive, got 0.0"),
+        ({"ssr_stage_bins": [3, 0, 3]}, r"ssr_stage_bins must be at least 1"),
+        ({"stem_stride": 0}, r"stem_stride must be at least 1"),
+        ({"id2label": {0: "a", 1: "b", 2: "c"}, "num_labels": 2}, r"num_labels=2 disagrees with id2label, which names 3 labels"),
+        ({"id2label": {0: "a", 2: "c"}}, r"id2label must have the contiguous ids 0..1, got \[0, 2\]"),
+        ({"id2label": {1: "a", 2: "b"}}, r"id2label must have the contiguous ids 0..1, got \[1, 2\]"),
+        ({"id2label": {0: "a", 1: "b"}, "label2id": {"a": 1, "b": 0}}, r"label2id is not the inverse of id2label"),
+        ({"id2label": {0: "a", 1: "b"}, "label2id": {"a": 0}}, r"label2id is not the inverse of id2label.*\('b', 1\)"),
+    ],
+)
+def test_counts_and_label_maps_are_validated(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        CMSAConfig.from_variant("cmsa-s", **overrides)
+
+
+def test_a_new_label_count_for_a_saved_config_still_renames_the_labels(tmp_path):
+    """transformers' fine-tuning idiom from_pretrained(folder, num_labels=N) keeps working (a new head's labels)."""
+    CMSAConfig(id2label={0: "cat", 1: "dog", 2: "owl"}).save_pretrained(tmp_path)
+    config = CMSAConfig.from_pretrained(tmp_path, num_labels=5)
+    assert config.num_labels == 5 and config.id2label[4] == "LABEL_4"
+    named = CMSAConfig(id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1}, num_labels=2)
+    assert named.id2label == {0: "cat", 1: "dog"}

@@ -92,3 +92,27 @@ def test_evaluation_transform_is_the_processor():
     images = [Image.open(io.BytesIO(v["bytes"])) for v in dataset[:2]["image"]]
     torch.testing.assert_close(out["pixel_values"], processor(images, return_tensors="pt").pixel_values)
     assert out["labels"].tolist() == [0, 1]
+
+
+def _png_bytes(value: int) -> dict:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ([0.0, 1.0, 1.5, 0.0], r"Split 'train', row 2: label 1.5 is not an integer class index \(column 'label' holds float64"),
+        ([0.0, 1.0, 1.0, 0.0], r"Split 'train', row 0: label 0.0 is not an integer class index"),
+        ([0.0, float("nan"), 1.0, 0.0], r"Split 'train', row 1: label nan is not an integer class index"),
+    ],
+    ids=["fractional", "whole-floats", "nan"],
+)
+def test_float_class_labels_in_an_image_folder_split_are_refused(labels, message):
+    from cmsa_hf.data.image_classification import prepare_splits
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("float64")})
+    train = datasets.Dataset.from_dict({"image": [_png_bytes(40 * i) for i in range(4)], "label": labels}, features=features)
+    with pytest.raises(ValueError, match=message):
+        prepare_splits(datasets.DatasetDict({"train": train, "validation": train}))

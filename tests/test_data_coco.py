@@ -2,6 +2,8 @@
 training transform (keypoints follow the pixels through flip, half body, scale, rotation)."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,3 +155,21 @@ def test_augmentation_depends_only_on_seed_epoch_and_row(persons):
     other = _transform(train=True, seed=1)
     other.epoch = 1
     assert torch.equal(first, again) and not torch.equal(first, persons.with_transform(other)[:2]["pixel_values"])
+
+
+def test_a_file_that_is_not_an_image_is_found_at_load(coco, tmp_path):
+    annotation_file, image_dir = coco
+    images = Path(shutil.copytree(image_dir, tmp_path / "images"))
+    (images / "000000000003.png").write_text("not an image")
+    with pytest.raises(ValueError, match=r"Row 2: .*000000000003.png is not an image PIL can read"):
+        load_coco_keypoints(annotation_file, images)
+
+
+def test_a_truncated_image_is_reported_with_its_row_and_file_at_decode(coco, tmp_path):
+    annotation_file, image_dir = coco
+    images = Path(shutil.copytree(image_dir, tmp_path / "images"))
+    whole = (images / "000000000002.png").read_bytes()
+    (images / "000000000002.png").write_bytes(whole[: len(whole) // 2])  # the header survives: loads, fails to decode
+    persons = load_coco_keypoints(annotation_file, images).add_column("sample_index", list(range(4)))
+    with pytest.raises(ValueError, match=r"Row 1 \(.*000000000002.png\): the image cannot be decoded"):
+        _transform(train=False)(persons[:2])

@@ -230,3 +230,35 @@ def test_bad_biwi_files_are_clear_errors(tmp_path):
     (tmp_path / "hpdb" / "01" / "rgb.cal").unlink()
     with pytest.raises(FileNotFoundError, match="BIWI calibration file .*rgb.cal does not exist"):
         load_biwi(tmp_path)
+
+
+@pytest.mark.parametrize("loader", [load_300w_lp, load_aflw2000])
+def test_nan_angles_in_a_mat_file_are_refused(tmp_path, loader):
+    _write_sample(tmp_path, "image00001", (30, -10, 5), POINTS)
+    _write_sample(tmp_path, "image00002", (float("nan"), -10, 5), POINTS)
+    with pytest.raises(ValueError, match=r"image00002.mat: Pose_Para holds non-finite angles"):
+        loader(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "rotation, message",
+    [
+        ("2 0 0\n0 2 0\n0 0 2", r"frame_00004_pose.txt: the head rotation is not a rotation matrix .*det R = 8.0000"),
+        ("1 0 0\n0 1 0\n0 0 -1", r"frame_00004_pose.txt: the head rotation is not a rotation matrix .*det R = -1.0000"),
+        ("1 0.5 0\n0 1 0\n0 0 1", r"frame_00004_pose.txt: the head rotation is not a rotation matrix"),
+    ],
+    ids=["scaled", "reflection", "sheared"],
+)
+def test_a_biwi_rotation_that_is_not_a_rotation_is_refused(tmp_path, rotation, message):
+    _make_biwi(tmp_path)
+    (tmp_path / "hpdb" / "02" / "frame_00004_pose.txt").write_text(rotation + "\n\n40 -30 900\n")
+    with pytest.raises(ValueError, match=message):
+        load_biwi(tmp_path)
+
+
+def test_a_biwi_head_centre_at_depth_zero_is_refused(tmp_path):
+    _make_biwi(tmp_path)
+    # The calibration moves z by EXTRINSIC_T[2] (and rotates slightly): this centre lands at depth <= 0 in the RGB frame.
+    (tmp_path / "hpdb" / "01" / "frame_00003_pose.txt").write_text("1 0 0\n0 1 0\n0 0 1\n\n0 0 0\n")
+    with pytest.raises(ValueError, match=r"frame_00003_pose.txt: the head centre is at depth -?[\d.]+ mm in the RGB camera"):
+        load_biwi(tmp_path)

@@ -186,3 +186,62 @@ def test_post_process_head_pose_returns_angles_and_rotations():
     assert "rotation_matrix" not in processor.post_process_head_pose(angles)[0]
     with pytest.raises(ValueError, match=r"expected angles of shape \(faces, 3\)"):
         processor.post_process_head_pose(torch.zeros(2, 2))
+
+
+def _same_size_processor():
+    """Output 32x24 = the input size: the whole-image resize and a whole-image box crop are both the identity."""
+    return CMSAImageProcessor(size={"height": 32, "width": 24}, box_padding=1.0)
+
+
+GRAY = _rgb(32, 24, seed=3)[..., 0]
+COLOUR = _rgb(32, 24, seed=4)
+
+
+@pytest.mark.parametrize(
+    "image, reference",
+    [
+        (Image.fromarray(GRAY.astype(np.uint16) * 257), Image.fromarray(GRAY).convert("RGB")),  # I;16, full range
+        (Image.fromarray(GRAY.astype(np.float32) / 255), Image.fromarray(GRAY).convert("RGB")),  # F in [0, 1]
+        (Image.fromarray(GRAY.astype(np.float32)), Image.fromarray(GRAY).convert("RGB")),  # F in 0..255, as before
+        (GRAY.astype(np.float32) / 255, Image.fromarray(GRAY).convert("RGB")),  # 2D float array
+        (COLOUR.astype(np.float32) / 255, Image.fromarray(COLOUR)),  # HWC float32 in [0, 1]
+        (COLOUR.astype(np.float64) / 255, Image.fromarray(COLOUR)),
+        (torch.from_numpy(COLOUR).permute(2, 0, 1).float() / 255, Image.fromarray(COLOUR)),  # CHW float tensor
+        (COLOUR.astype(np.float32), Image.fromarray(COLOUR)),  # float 0..255, as before
+    ],
+    ids=["I;16", "F-unit", "F-255", "float-2d", "float32", "float64", "tensor-chw", "float-255"],
+)
+def test_16_bit_and_float_images_match_the_8_bit_image_on_both_paths(image, reference):
+    processor = _same_size_processor()
+    if isinstance(image, Image.Image):
+        assert image.mode in ("I;16", "F")
+    expected = processor(reference, return_tensors="np").pixel_values
+    whole = processor(image, return_tensors="np").pixel_values
+    boxed = processor(image, boxes=[[0, 0, 24, 32]], return_tensors="np").pixel_values
+    np.testing.assert_allclose(whole, expected, atol=1e-5)
+    np.testing.assert_allclose(boxed, expected, atol=1e-5)
+
+
+def test_8_bit_inputs_pass_through_unchanged():
+    from cmsa_hf.image_processing_cmsa import checked_image
+
+    for image in (Image.fromarray(COLOUR), COLOUR, torch.from_numpy(COLOUR), Image.fromarray(GRAY)):
+        assert checked_image(image) is image
+
+
+@pytest.mark.parametrize(
+    "images, boxes, message",
+    [
+        ([Image.fromarray(COLOUR), Image.new("RGB", (0, 0))], None, r"image 1 is empty \(0x0 pixels\)"),
+        ([Image.new("RGB", (0, 0))], [[[0, 0, 1, 1]]], r"image 0 is empty \(0x0 pixels\)"),
+        ([np.zeros((0, 24, 3), np.uint8)], None, r"image 0 is empty \(shape \(0, 24, 3\)\)"),
+        ([np.full((32, 24, 3), np.nan, np.float32)], None, r"image 0 holds NaN or inf pixel values"),
+        ([np.full((32, 24, 3), 300.0, np.float32)], None, r"image 0 has float values from 300 to 300: expected \[0, 1\]"),
+        ([Image.fromarray(COLOUR)], [[[0, float("nan"), 10, 10]]], r"image 0, box 0: NaN or inf coordinates in \[0, nan, 10, 10\]"),
+        ([Image.fromarray(COLOUR)], [[[0, 0, 10, 10], [0, 0, float("inf"), 10]]], r"image 0, box 1: NaN or inf coordinates"),
+    ],
+    ids=["0x0", "0x0-boxes", "empty-array", "nan-pixels", "out-of-range-float", "nan-box", "inf-box"],
+)
+def test_empty_images_non_finite_pixels_and_boxes_are_refused(images, boxes, message):
+    with pytest.raises(ValueError, match=message):
+        _same_size_processor()(images, boxes=boxes)

@@ -4,12 +4,13 @@ import json
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import randomise_batch_norms, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
-from cmsa_hf import CMSAConfig, CMSAForImageClassification, CMSAForKeypointDetection, CMSAModel
+from cmsa_hf import CMSAConfig, CMSAForHeadPoseEstimation, CMSAForImageClassification, CMSAForKeypointDetection, CMSAModel
 from cmsa_hf.modeling_cmsa import (
     CMSABlock,
     CMSAConvBN,
@@ -295,6 +296,119 @@ def test_bad_pixel_values(tiny, shape, message):
     model = CMSAForImageClassification(tiny).eval()
     with pytest.raises(ValueError, match=message):
         model(torch.randn(*shape))
+
+
+@pytest.mark.parametrize(
+    "pixel_values, error, message",
+    [
+        (np.zeros((2, 3, 16, 16), np.float32), TypeError, r"pixel_values must be a torch.Tensor .* of dtype torch.float32, got a ndarray"),
+        (torch.zeros(2, 3, 16, 16, dtype=torch.uint8), TypeError, r"pixel_values has dtype torch.uint8 but the model's weights are torch.float32"),
+        (torch.zeros(2, 3, 16, 16, dtype=torch.int64), TypeError, r"pixel_values has dtype torch.int64 .*torch.float32"),
+        (torch.zeros(2, 3, 16, 16, dtype=torch.float16), TypeError, r"pixel_values has dtype torch.float16 .*torch.float32"),
+        (torch.zeros(0, 3, 16, 16), ValueError, r"pixel_values is an empty batch \(0, 3, 16, 16\).*batch_size >= 1"),
+    ],
+    ids=["numpy", "uint8", "int64", "half", "empty"],
+)
+def test_pixel_values_of_the_wrong_type_dtype_or_batch(tiny, pixel_values, error, message):
+    model = CMSAForImageClassification(tiny).eval()
+    with pytest.raises(error, match=message):
+        model(pixel_values)
+
+
+def test_a_lower_precision_input_runs_under_autocast(tiny):
+    model = CMSAForImageClassification(tiny).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(2, 3, 16, 16, dtype=torch.bfloat16)).logits.shape == (2, 3)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_pixels_are_refused_in_training_before_batch_norm(tiny, bad_value):
+    model = CMSAForImageClassification(tiny).train()
+    pixels = torch.randn(3, 3, 16, 16)
+    pixels[1, 0, 4, 4] = bad_value
+    statistics = copy.deepcopy({k: v for k, v in model.state_dict().items() if "running" in k})
+    with pytest.raises(ValueError, match=r"pixel_values holds NaN or inf values \(images \[1\] of the batch\) in training mode"):
+        model(pixels, labels=torch.tensor([0, 1, 2]))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in statistics.items())  # BatchNorm untouched
+
+
+def test_non_finite_pixels_in_eval_only_spoil_their_own_image(tiny):
+    """As check_pixel_values documents: not checked in eval mode, NaN outputs for that image, the others unchanged."""
+    model = randomise_batch_norms(CMSAForImageClassification(tiny)).eval()
+    pixels = torch.randn(3, 3, 16, 16)
+    spoilt = pixels.clone()
+    spoilt[1, 2, 0, 0] = float("nan")
+    with torch.no_grad():
+        clean, logits = model(pixels).logits, model(spoilt).logits
+    assert torch.isnan(logits[1]).all()
+    torch.testing.assert_close(logits[[0, 2]], clean[[0, 2]])
+
+
+@pytest.mark.parametrize(
+    "labels, error, message",
+    [
+        ([0, 1], TypeError, r"labels must be a torch.Tensor, got a list"),
+        (torch.tensor([[0, 1]]), ValueError, r"labels has shape \(1, 2\) for a batch of 2 images"),
+        (torch.tensor([0, 1, 2]), ValueError, r"labels has shape \(3,\) for a batch of 2 images"),
+        (torch.tensor([[0], [1]]), ValueError, r"labels must have shape \(2,\).*got \(2, 1\)"),
+        (torch.tensor([-100, -100]), ValueError, r"every label of the batch is the ignore index -100"),
+        (torch.tensor([0.0, 2.0]), ValueError, r"labels of dtype torch.float32 and shape \(2,\) fit no problem type.*labels.long\(\)"),
+        (torch.tensor([0, 2], dtype=torch.uint8), ValueError, r"labels of dtype torch.uint8 .*int64"),
+    ],
+    ids=["list", "1-by-batch", "batch-size", "batch-by-1", "all-ignored", "float-class-ids", "uint8"],
+)
+def test_bad_classification_labels_name_the_problem(tiny, labels, error, message):
+    model = CMSAForImageClassification(tiny).eval()
+    with pytest.raises(error, match=message):
+        model(torch.randn(2, 3, 16, 16), labels=labels)
+    assert model.config.problem_type is None  # a refused call infers nothing
+
+
+def test_problem_type_inferred_by_a_first_call_is_named_by_the_next(tiny):
+    """transformers sets problem_type from the first labels and keeps it: the later call's error says so."""
+    model = CMSAForImageClassification(tiny).eval()
+    pixels = torch.randn(2, 3, 16, 16)
+    model(pixels, labels=torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))  # multi-label targets, as before
+    assert model.config.problem_type == "multi_label_classification"
+    with pytest.raises(ValueError, match=r"config.problem_type is 'multi_label_classification' \(.*inferred by transformers from the first labels.*float targets of shape \(2, 3\)"):
+        model(pixels, labels=torch.tensor([0, 2]))
+
+
+def test_explicit_problem_types_check_their_labels():
+    single = CMSAForImageClassification(tiny_config(problem_type="single_label_classification")).eval()
+    with pytest.raises(ValueError, match=r"'single_label_classification'.*integer class indices \(int64\), got dtype torch.float32"):
+        single(torch.randn(2, 3, 16, 16), labels=torch.tensor([0.0, 1.0]))
+    regression = CMSAForImageClassification(tiny_config(num_labels=1)).eval()
+    with pytest.raises(ValueError, match=r"'regression'.*float targets of shape \(2, 1\) or \(2,\), got dtype torch.int64"):
+        regression(torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("num_labels", [0, -1])
+def test_a_classifier_needs_a_label(num_labels):
+    with pytest.raises(ValueError, match=rf"CMSAForImageClassification needs num_labels >= 1, got {max(num_labels, 0)}"):
+        CMSAForImageClassification(tiny_config(num_labels=num_labels))
+
+
+@pytest.mark.parametrize(
+    "model_class, keyword, message",
+    [
+        (CMSAForImageClassification, "label", r"CMSAForImageClassification.forward\(\) got unexpected keyword argument\(s\) 'label' \(did you mean 'labels'\?\)"),
+        (CMSAForKeypointDetection, "labels", r"CMSAForKeypointDetection.forward\(\) got unexpected keyword argument\(s\) 'labels'.*target_heatmaps"),
+        (CMSAForHeadPoseEstimation, "flip", r"CMSAForHeadPoseEstimation.forward\(\) .*'flip' \(did you mean 'flip_test'\?\)"),
+        (CMSAModel, "output_hidden_state", r"CMSAModel.forward\(\) .*'output_hidden_state' \(did you mean 'output_hidden_states'\?\)"),
+    ],
+)
+def test_unknown_keyword_arguments_are_errors(model_class, keyword, message):
+    model = model_class(tiny_config()).eval()
+    with pytest.raises(TypeError, match=message):
+        model(torch.randn(2, 3, 16, 16), **{keyword: torch.tensor([0, 1])})
+
+
+def test_transformers_keyword_arguments_are_still_accepted(tiny):
+    """What Trainer and generic transformers code pass to any model (num_items_in_batch, ...) is ignored, as there."""
+    model = CMSAForImageClassification(tiny).eval()
+    out = model(torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 1]), num_items_in_batch=2)
+    assert out.loss is not None
 
 
 # --------------------------------------------------------------------------------------------- save / load

@@ -80,6 +80,30 @@ def test_bad_labels_and_config():
 
 
 @pytest.mark.parametrize("head", ["binned", "ssr"])
+@pytest.mark.parametrize(
+    "labels, error, message",
+    [
+        (torch.tensor([[10.0, float("nan"), 0.0], [0.0, 0.0, 0.0]]), ValueError, r"labels holds NaN or inf values \(samples \[0\]"),
+        (torch.tensor([[0.0, 0.0, 0.0], [120.0, 0.0, 0.0]]), ValueError, r"labels of samples \[1\] lie outside \[-99, 99\] degrees.*head_pose_bins=66 x head_pose_bin_width=3"),
+        ([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]], TypeError, r"labels must be a torch.Tensor, got a list"),
+    ],
+    ids=["nan", "beyond-the-bins", "list"],
+)
+def test_bad_angle_labels_name_the_problem(head, labels, error, message):
+    model = CMSAForHeadPoseEstimation(tiny_config(head_pose_head=head)).eval()
+    with pytest.raises(error, match=message):
+        model(torch.randn(2, 3, 16, 16), labels=labels)
+
+
+def test_the_angle_range_follows_the_bins():
+    model = CMSAForHeadPoseEstimation(tiny_config(head_pose_bins=40, head_pose_bin_width=5.0)).eval()
+    assert model.config.head_pose_max_angle == 100.0
+    model(torch.randn(1, 3, 16, 16), labels=torch.tensor([[100.0, -100.0, 0.0]]))  # the range's ends are fine
+    with pytest.raises(ValueError, match=r"outside \[-100, 100\] degrees"):
+        model(torch.randn(1, 3, 16, 16), labels=torch.tensor([[100.5, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("head", ["binned", "ssr"])
 def test_flip_test_mirrors_yaw_and_roll_exactly(head):
     torch.manual_seed(0)
     model = randomise_batch_norms(CMSAForHeadPoseEstimation(tiny_config(head_pose_head=head)), seed=1).double().eval()

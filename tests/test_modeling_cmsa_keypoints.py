@@ -142,3 +142,20 @@ def test_heatmaps_start_near_zero():
     loss = model(torch.randn(4, 3, 16, 16), target_heatmaps=torch.from_numpy(targets), target_weights=torch.from_numpy(weights)).loss
     zero_prediction = 0.5 * (targets**2).mean()
     assert abs(loss.item() / zero_prediction - 1) < 0.1
+
+
+def test_bad_targets_name_the_argument():
+    model = CMSAForKeypointDetection(tiny_config())
+    pixels, targets = torch.randn(2, 3, 16, 16), torch.zeros(2, 17, 16, 16)
+    with pytest.raises(ValueError, match="target_weights was given without target_heatmaps"):
+        model(pixels, target_weights=torch.ones(2, 17))
+    spoilt = targets.clone()
+    spoilt[1, 3, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"target_heatmaps holds NaN or inf values \(samples \[1\] of the batch\)"):
+        model(pixels, target_heatmaps=spoilt)
+    weights = torch.ones(2, 17)
+    weights[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"target_weights holds NaN or inf values \(samples \[0\]"):
+        model(pixels, target_heatmaps=targets, target_weights=weights)
+    with pytest.raises(TypeError, match="target_heatmaps must be a torch.Tensor, got a ndarray"):
+        model(pixels, target_heatmaps=targets.numpy())

@@ -100,3 +100,62 @@ def test_bad_folders_are_refused_before_any_upload(trained_folder, tmp_path, dam
 
 def test_validate_returns_the_card_metadata(trained_folder):
     assert {"cmsa", "low-resolution"} <= set(validate_folder(trained_folder)["tags"])
+
+
+def _snapshot(folder: Path) -> dict:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_dry_run_writes_nothing_into_the_folder(trained_folder, tmp_path, capsys):
+    folder = Path(shutil.copytree(trained_folder, tmp_path / "folder"))
+    before = _snapshot(folder)
+    with mock.patch("huggingface_hub.HfApi.upload_folder") as upload_folder:
+        main(["publish", str(folder), "--repo-id", "me/tiny", "--dry-run", "--add-reparameterized"])
+    upload_folder.assert_not_called()
+    assert _snapshot(folder) == before and not (folder / "reparameterized").exists()
+    printed = capsys.readouterr().out
+    assert "  reparameterized/model.safetensors" in printed and "  reparameterized/config.json" in printed
+
+
+def _with_card_metadata(folder: Path, change):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    metadata = card.data.to_dict()
+    change(metadata)
+    card.data = type(card.data)(**metadata)
+    card.save(folder / "README.md")
+
+
+def _card_metrics(metadata) -> list[dict]:
+    return metadata["model-index"][0]["results"][0]["metrics"]
+
+
+def _swap_in_top5(folder: Path):
+    """all_results.json gets a top-5 entry holding the card's top-1 value, and a different top-1."""
+    results = json.loads((folder / "all_results.json").read_text())
+    results["eval_top5_accuracy"], results["eval_accuracy"] = results["eval_accuracy"], results["eval_accuracy"] / 2 + 0.01
+    (folder / "all_results.json").write_text(json.dumps(results))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_swap_in_top5, r"The card's top-1 accuracy = [\d.]+ is not a measured value: .*all_results.json has eval_accuracy = "),
+        (
+            lambda f: _with_card_metadata(f, lambda m: m.pop("model-index")),
+            r"README.md has no model-index: the card of a trained folder must report its measured results \(eval_accuracy",
+        ),
+        (
+            lambda f: _with_card_metadata(f, lambda m: _card_metrics(m)[0].update(type="f1", name="F1")),
+            r"The card's metric 'F1' \(type 'f1'\) matches no result of .*all_results.json",
+        ),
+    ],
+    ids=["value-of-another-metric", "no-model-index", "unknown-metric"],
+)
+def test_the_card_is_matched_metric_by_metric_to_the_results(trained_folder, tmp_path, damage, message):
+    folder = Path(shutil.copytree(trained_folder, tmp_path / "folder"))
+    damage(folder)
+    with mock.patch("huggingface_hub.HfApi.upload_folder") as upload_folder, pytest.raises(ValueError, match=message):
+        publish(folder, "me/tiny")
+    upload_folder.assert_not_called()

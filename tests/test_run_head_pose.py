@@ -114,3 +114,22 @@ def test_flipped_faces_negate_yaw_and_roll(faces):
     flipped = rows.with_transform(always)[:8]
     torch.testing.assert_close(flipped["labels"], plain["labels"] * torch.tensor([-1.0, 1.0, -1.0]))
     torch.testing.assert_close(flipped["pixel_values"], plain["pixel_values"].flip(-1), atol=1e-5, rtol=0)
+
+
+def test_training_faces_beyond_the_bins_are_dropped(tmp_path, capsys):
+    """The model refuses labels beyond +-99 degrees, so the script drops such training faces (300W-LP has some)."""
+    import scipy.io
+
+    faces = make_aflw2000(tmp_path / "faces", count=6)
+    mat = scipy.io.loadmat(faces / "image00002.mat")
+    mat["Pose_Para"][0, 1] = np.radians(120.0)  # yaw
+    scipy.io.savemat(faces / "image00002.mat", {"Pose_Para": mat["Pose_Para"], "pt2d": mat["pt2d"]})
+    args = run_head_pose.parse_args(
+        ["--train_data", str(faces), "--train_format", "300w_lp", "--validation_data", str(faces),
+         "--validation_format", "aflw2000", "--output_dir", str(tmp_path)]  # fmt: skip
+    )
+    splits = run_head_pose.load_splits(args, max_angle=99.0)
+    kept = np.asarray(splits["train"]["angles"])
+    assert len(kept) == 5 and np.abs(kept).max() <= 99.0 and "image00002" not in splits["train"]["name"]
+    assert splits["train"]["sample_index"] == list(range(5))
+    assert "Dropping 1 training faces with an angle beyond +-99 degrees" in capsys.readouterr().out

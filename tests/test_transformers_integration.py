@@ -135,6 +135,8 @@ def test_keypoint_detection_pipeline(tmp_path, monkeypatch):
     assert pose(image, boxes=[]) == []  # no person: no result, and the model is not run on an empty batch
     with pytest.raises(ValueError, match="lies outside"):
         pose(image, boxes=[[100, 100, 10, 10]])
+    sixteen_bit = Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)  # the processor's conversion
+    assert pose(sixteen_bit, boxes=BOXES) == pose(image.convert("L").convert("RGB"), boxes=BOXES)
 
 
 def test_image_classification_pipeline(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 
 COCO_PERSON_CATEGORY = 1
@@ -101,8 +102,25 @@ def load_coco_keypoints(
     missing = sorted({row["image"]["path"] for row in rows if not Path(row["image"]["path"]).is_file()})
     if missing:
         raise FileNotFoundError(f"{len(missing)} images of {annotation_file} are missing from {image_dir}, e.g. {missing[0]}")
+    _check_image_headers(rows)
     columns = {name: [row[name] for row in rows] for name in FEATURES}
     return datasets.Dataset.from_dict(columns, features=FEATURES)
+
+
+def _check_image_headers(rows: list[dict]):
+    """Every image file must be an image PIL can identify (its header only is read: a cheap check at load; pixels
+    are decoded, and a truncated file found, by the transforms)."""
+    checked = set()
+    for index, row in enumerate(rows):
+        path = row["image"]["path"]
+        if path in checked:
+            continue
+        try:
+            with Image.open(path):
+                pass
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"Row {index}: {path} is not an image PIL can read ({error})") from None
+        checked.add(path)
 
 
 def _num_keypoints(coco: dict, annotation_file) -> int:

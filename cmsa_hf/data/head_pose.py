@@ -19,6 +19,9 @@ from ..codecs import rotation_matrix_to_euler
 
 logger = logging.getLogger(__name__)
 
+# BIWI stores its rotations with 6 decimals: a matrix this far from orthonormal (or a reflection) is not a rotation.
+ROTATION_TOLERANCE = 1e-2
+
 FEATURES = datasets.Features(
     {
         "image": datasets.Image(decode=False),
@@ -104,6 +107,8 @@ def _mat_row(mat_file: Path, image_file: Path, name: str, loosen: float) -> dict
         if field not in mat:
             raise ValueError(f"{mat_file} has no {field!r} field")
     pitch, yaw, roll = np.degrees(mat["Pose_Para"].ravel()[:3])
+    if not np.isfinite([pitch, yaw, roll]).all():
+        raise ValueError(f"{mat_file}: Pose_Para holds non-finite angles (pitch, yaw, roll = {pitch}, {yaw}, {roll})")
     with Image.open(image_file) as image:
         image_size = image.size
     return {
@@ -147,6 +152,8 @@ def load_biwi(root, head_size_mm: float = 250.0) -> datasets.Dataset:
             image_size = image.size
         head_rotation, centre = _read_pose(pose_file)
         centre = rotation @ centre + translation
+        if not centre[2] > 0:
+            raise ValueError(f"{pose_file}: the head centre is at depth {centre[2]:g} mm in the RGB camera (must be > 0)")
         u, v = (intrinsics @ centre)[:2] / centre[2]
         half = intrinsics[0, 0] * head_size_mm / centre[2] / 2
         rows.append(
@@ -175,7 +182,15 @@ def _read_pose(path: Path) -> tuple[np.ndarray, np.ndarray]:
     lines = _number_lines(path, "pose file")
     if [len(line) for line in lines] != [3, 3, 3, 3]:
         raise ValueError(f"{path} is not a BIWI pose file: expected 3 rotation matrix lines and a head centre line")
-    return np.stack(lines[:3]), lines[3]
+    matrix = np.stack(lines[:3])
+    if not (np.allclose(matrix @ matrix.T, np.eye(3), atol=ROTATION_TOLERANCE) and np.linalg.det(matrix) > 0):
+        raise ValueError(
+            f"{path}: the head rotation is not a rotation matrix (R R^T = I and det R = +1 to within "
+            f"{ROTATION_TOLERANCE}; det R = {np.linalg.det(matrix):.4f})"
+        )
+    if not np.isfinite(lines[3]).all():
+        raise ValueError(f"{path}: the head centre {lines[3]} is not finite")
+    return matrix, lines[3]
 
 
 def _read_rgb_calibration(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -90,6 +90,14 @@ def mix_batch(
     return pixel_values, targets * lam + targets.flip(0) * (1 - lam)
 
 
+def decode_image_of_row(value, where: str):
+    """`decode_image`, its failure a ValueError that says `where` (split, row, file) the image is."""
+    try:
+        return decode_image(value)
+    except Exception as error:
+        raise ValueError(f"{where}: the image cannot be decoded ({error})") from error
+
+
 class ClassificationTransform:
     """`Dataset.with_transform` callable: decode, resize (the image processor), augment, normalize.
 
@@ -118,10 +126,7 @@ class ClassificationTransform:
         self.std = np.asarray(processor.image_std, dtype=np.float32).reshape(-1, 1, 1)
 
     def _decode(self, value, row: int):
-        try:
-            return decode_image(value)
-        except Exception as error:
-            raise ValueError(f"Split {self.split!r}, row {row}: the image cannot be decoded ({error})") from error
+        return decode_image_of_row(value, f"Split {self.split!r}, row {row}")
 
     def __call__(self, batch: dict) -> dict:
         rows = batch["sample_index"]
@@ -182,9 +187,11 @@ class _BoxCropTransform:
         """The augmentation draws of a row: seeded by (seed, epoch, row) when training, none otherwise."""
         return np.random.default_rng([self.seed, self.epoch, row_id]) if self.train else None
 
-    def crop(self, image_value, matrix: np.ndarray, rng: np.random.Generator | None) -> torch.Tensor:
-        """Decode a row's image and warp it under `matrix`: (3, H, W) normalized, randomly erased when training."""
-        image = decode_image(image_value).convert("RGB")
+    def crop(self, image_value, matrix: np.ndarray, rng: np.random.Generator | None, row_id: int) -> torch.Tensor:
+        """Decode a row's image and warp it under `matrix`: (3, H, W) normalized, randomly erased when training.
+        An image that cannot be decoded (a truncated file) is a ValueError naming the row and the file."""
+        path = image_value.get("path") if isinstance(image_value, dict) else None
+        image = decode_image_of_row(image_value, f"Row {row_id}" + (f" ({path})" if path else "")).convert("RGB")
         crop = torch.from_numpy(self.processor.normalize_crop(warp_image(image, matrix, self.processor.input_size)))
         return random_erasing(crop, rng, self.random_erasing_probability) if rng is not None else crop
 
@@ -244,7 +251,7 @@ class TopDownTransform(_BoxCropTransform):
             row = {key: batch[key][index] for key in ("box", "keypoints", "visibility")}
             rng = self.sample_generator(row_id)
             matrix, mirror = self.crop_geometry(row, rng)
-            pixels.append(self.crop(batch["image"][index], matrix, rng))
+            pixels.append(self.crop(batch["image"][index], matrix, rng, row_id))
             keypoints = transform_points(row["keypoints"], matrix)
             visibility = np.asarray(row["visibility"])
             if mirror:
@@ -301,7 +308,7 @@ class HeadPoseTransform(_BoxCropTransform):
         for index, row_id in enumerate(batch["sample_index"]):
             rng = self.sample_generator(row_id)
             matrix, mirror = self.crop_geometry(batch["box"][index], rng)
-            pixels.append(self.crop(batch["image"][index], matrix, rng))
+            pixels.append(self.crop(batch["image"][index], matrix, rng, row_id))
             angles = np.asarray(batch["angles"][index], dtype=np.float32)
             labels.append(torch.from_numpy(mirror_angles(angles) if mirror else angles))
         return {

@@ -22,8 +22,15 @@ def require_rows(dataset: datasets.Dataset, split: str):
 
 
 def check_labels(dataset: datasets.Dataset, column: str, num_labels: int, split: str):
-    """Class indices must lie in [0, num_labels)."""
+    """Class indices must be integers in [0, num_labels) (a float column is refused, even of whole numbers)."""
     labels = np.asarray(dataset[column])
+    if not np.issubdtype(labels.dtype, np.integer):
+        fractional = np.flatnonzero(labels != np.floor(labels)) if np.issubdtype(labels.dtype, np.floating) else []
+        row = int(fractional[0]) if len(fractional) else 0
+        raise ValueError(
+            f"Split {split!r}, row {row}: label {labels[row].item()!r} is not an integer class index (column {column!r} "
+            f"holds {labels.dtype} values): cast it, e.g. dataset.cast_column({column!r}, datasets.Value('int64'))"
+        )
     bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
     if bad.size:
         row = int(bad[0])

@@ -79,8 +79,10 @@ def parse_args(argv=None):
     return args
 
 
-def load_splits(args) -> dict:
-    """The train and validation sets (rows: image, name, box, angles, image_size) with a `sample_index` column."""
+def load_splits(args, max_angle: float) -> dict:
+    """The train and validation sets (rows: image, name, box, angles, image_size) with a `sample_index` column.
+    Training faces with an angle beyond +-`max_angle` (the range of the model's angle bins) are dropped, as FSA-Net
+    drops them from 300W-LP: the model refuses such labels."""
     train = LOADERS[args.train_format](args.train_data)
     if args.validation_data:
         validation = LOADERS[args.validation_format](args.validation_data)
@@ -89,6 +91,10 @@ def load_splits(args) -> dict:
             raise ValueError(f"--validation_split_size must be in (0, {len(train)}), got {args.validation_split_size}")
         split = train.train_test_split(test_size=args.validation_split_size, seed=args.seed)
         train, validation = split["train"], split["test"]
+    expressible = np.flatnonzero((np.abs(np.asarray(train["angles"])) <= max_angle).all(axis=1))
+    if len(expressible) < len(train):
+        print(f"Dropping {len(train) - len(expressible)} training faces with an angle beyond +-{max_angle:g} degrees")
+        train = train.select(expressible)
     splits = {"train": train, "validation": validation}
     for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit is not None:
@@ -138,7 +144,7 @@ def main(argv=None):
     # The loaders give loosened face boxes already: the processor only grows them to the model's aspect ratio.
     processor = CMSAImageProcessor.for_config(model.config, box_padding=1.0)
     with accelerator.main_process_first():
-        splits = load_splits(args)
+        splits = load_splits(args, max_angle=model.config.head_pose_max_angle)
     training_mean = np.asarray(splits["train"]["angles"], dtype=np.float64).mean(axis=0)
 
     train_transform = HeadPoseTransform(
