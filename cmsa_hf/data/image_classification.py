@@ -9,29 +9,28 @@ from .digits import load_digits_dataset
 from .validation import check_images, check_labels, require_columns, require_rows, without_image_decoding
 
 
-def hub_dataset_id(dataset_name: str | None) -> str | None:
-    """The Hub id of a `load_splits` data set (None for the embedded digits and for local folders)."""
-    return dataset_name if dataset_name not in (None, "digits") else None
-
-
-def describe_dataset(dataset_name: str | None, train_dir: str | None) -> str:
-    """How a model card names the training data of `load_splits(dataset_name, ..., train_dir)`."""
+def card_data_fields(dataset_name, train_dir, validation_dir, seed: int, hub_dataset_id=None) -> dict:
+    """What `hub.image_classification_card` says about the data of `load_splits(dataset_name, ..., train_dir,
+    validation_dir, seed=seed)`: its name, Hub id (`hub_dataset_id`, else a Hub `dataset_name`; None for the embedded
+    digits and local folders), description, and the split evaluated on (a Hub data set's own validation split or
+    `validation_dir`, else a seeded share held out from `train`)."""
+    from_hub = dataset_name not in (None, "digits")
     if dataset_name == "digits":
-        return (
+        description = (
             "scikit-learn's handwritten digits (`sklearn.datasets.load_digits`: 1,797 8x8 grayscale images of the "
             "digits 0-9, UCI ML hand-written digits), upsampled to the model's input size"
         )
-    if dataset_name:
-        return f"the Hub data set `{dataset_name}`"
-    return f"the image folder `{Path(train_dir).name}`"
-
-
-def evaluation_split(dataset_name: str | None, validation_dir: str | None, seed: int) -> tuple[str, str]:
-    """(model-index split name, card description) of the split that `load_splits` evaluates on: a Hub data set's
-    own validation split or `validation_dir`, else a seeded share held out from `train`."""
-    if validation_dir is not None or hub_dataset_id(dataset_name) is not None:
-        return "validation", "the data set's validation split"
-    return "held-out", f"held out from the training data with seed {seed}"
+    else:
+        description = f"the Hub data set `{dataset_name}`" if from_hub else f"the image folder `{Path(train_dir).name}`"
+    has_validation = validation_dir is not None or from_hub
+    return {
+        "dataset_name": dataset_name or Path(train_dir).name,
+        "hub_dataset_id": hub_dataset_id or (dataset_name if from_hub else None),
+        "dataset_description": description,
+        "eval_split": "validation" if has_validation else "held-out",
+        "eval_split_description": "the data set's validation split" if has_validation
+        else f"held out from the training data with seed {seed}",
+    }  # fmt: skip
 
 
 def load_splits(

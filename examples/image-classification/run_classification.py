@@ -12,7 +12,6 @@ handwritten digits: no download). Model: a saved folder or Hub id (--model_name_
 
 import argparse
 import time
-from pathlib import Path
 
 import datasets
 import torch
@@ -21,13 +20,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from cmsa_hf import CMSAConfig, CMSAForImageClassification, CMSAImageProcessor
-from cmsa_hf.data.image_classification import (
-    describe_dataset,
-    evaluation_split,
-    hub_dataset_id,
-    load_splits,
-    prepare_splits,
-)
+from cmsa_hf.data.image_classification import card_data_fields, load_splits, prepare_splits
 from cmsa_hf.data.transforms import ClassificationTransform, mix_batch
 from cmsa_hf.hub import image_classification_card
 from cmsa_hf.metrics import top_k_accuracy
@@ -193,15 +186,10 @@ def main(argv=None):
     started = time.perf_counter()
     results = evaluate(accelerator, model, eval_dataloader, memory_format(args))
     results.update(**training_summary(stats, len(splits["train"]), started))
-    eval_split, eval_split_description = evaluation_split(args.dataset_name, args.validation_dir, args.seed)
     finish_run(
         accelerator, args, model, processor, results, image_classification_card,
-        dataset_name=args.dataset_name or Path(args.train_dir).name,
-        hub_dataset_id=args.hub_dataset_id or hub_dataset_id(args.dataset_name),
-        dataset_description=describe_dataset(args.dataset_name, args.train_dir),
-        eval_split_description=eval_split_description,
         hyperparameters=_hyperparameters(args, accelerator, total_steps),
-        eval_split=eval_split,
+        **card_data_fields(args.dataset_name, args.train_dir, args.validation_dir, args.seed, args.hub_dataset_id),
     )  # fmt: skip
     return results
 

@@ -17,13 +17,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from cmsa_hf import CMSAForImageClassification, CMSAImageProcessor
-from cmsa_hf.data.image_classification import (
-    describe_dataset,
-    evaluation_split,
-    hub_dataset_id,
-    load_splits,
-    prepare_splits,
-)
+from cmsa_hf.data.image_classification import card_data_fields, load_splits, prepare_splits
 from cmsa_hf.data.transforms import ClassificationTransform
 from cmsa_hf.hub import image_classification_card, write_hub_folder
 from cmsa_hf.metrics import top_k_accuracy
@@ -115,15 +109,13 @@ def main(argv=None):
 
 
 def _card(model, metrics, script_args, training_args):
-    eval_split, eval_split_description = evaluation_split(
-        script_args.dataset_name, script_args.validation_dir, training_args.seed
-    )
+    data = card_data_fields(
+        script_args.dataset_name, script_args.train_dir, script_args.validation_dir, training_args.seed,
+        script_args.hub_dataset_id,
+    )  # fmt: skip
     return image_classification_card(
-        model.eval(), metrics, eval_split_description=eval_split_description, eval_split=eval_split,
+        model.eval(), metrics, **data,
         training_script="examples/image-classification/run_trainer.py (transformers Trainer)",
-        dataset_name=script_args.dataset_name or Path(script_args.train_dir).name,
-        hub_dataset_id=script_args.hub_dataset_id or hub_dataset_id(script_args.dataset_name),
-        dataset_description=describe_dataset(script_args.dataset_name, script_args.train_dir),
         repo_id=training_args.hub_model_id or Path(training_args.output_dir).name,
         base_model=script_args.model_name_or_path, has_reparameterized=False,
         hyperparameters={
