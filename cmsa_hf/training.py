@@ -197,11 +197,14 @@ def recipe_hyperparameters(args, accelerator: Accelerator, total_steps: int) -> 
 
 
 def make_optimizer_and_scheduler(model, args, steps_per_epoch: int):
-    """AdamW without weight decay on biases, norms and attention biases; warm-up then the chosen schedule."""
-    decay, no_decay = [], []
+    """AdamW without weight decay on the parameters its modules exempt (`no_weight_decay_names`: biases, norms,
+    attention biases); warm-up then the chosen schedule."""
+    from .modeling_cmsa import no_weight_decay_names  # noqa: PLC0415
+
+    exempt, decay, no_decay = no_weight_decay_names(model), [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 or name.endswith("attention_bias") else decay).append(parameter)
+            (no_decay if name in exempt else decay).append(parameter)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate,

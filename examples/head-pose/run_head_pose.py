@@ -62,7 +62,7 @@ def parse_args(argv=None):
     model.add_argument("--variant", type=str, default="cmsa-s", help="Preset when training from scratch.")
     model.add_argument("--image_size", type=int, nargs=2, default=(32, 32), metavar=("HEIGHT", "WIDTH"))
     model.add_argument("--attn_implementation", choices=["sdpa", "eager"], default=None)
-    model.add_argument("--head", choices=HEAD_POSE_HEADS, default=None, help="Angle head (default: binned, or the checkpoint's).")
+    model.add_argument("--head", choices=HEAD_POSE_HEADS, default=None, help="Angle head (default: ssr, the paper's, or the checkpoint's).")
     model.add_argument("--regression_weight", type=float, default=None, help="alpha of the binned loss CE + alpha * MSE (2).")
     model.add_argument("--flip_test", action=argparse.BooleanOptionalAction, default=False, help="At evaluation.")
 
