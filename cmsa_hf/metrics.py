@@ -10,8 +10,15 @@ import torch
 
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     """Fraction of samples whose label is among the k highest logits. logits (N, classes), labels (N,)."""
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"top_k_accuracy needs logits (N, classes) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     if logits.shape[0] == 0:
         raise ValueError("top_k_accuracy needs at least one sample")
+    if labels.min() < 0 or labels.max() >= logits.shape[-1]:
+        classes = logits.shape[-1]
+        raise ValueError(f"labels must lie in [0, {classes}) for {classes} classes, got {labels.min()} to {labels.max()}")
     k = min(k, logits.shape[-1])
     top = logits.topk(k, dim=-1).indices
     return (top == labels.unsqueeze(-1)).any(dim=-1).float().mean().item()
@@ -53,10 +60,17 @@ def pck(predicted, target, visible, normalizer, threshold: float = 0.05) -> floa
     predicted, target (N, K, 2); visible (N, K) (labelled when > 0); normalizer (N,), e.g. the box diagonal.
     """
     predicted, target = np.asarray(predicted, dtype=np.float64), np.asarray(target, dtype=np.float64)
-    labelled = np.asarray(visible) > 0
+    visible, normalizer = np.asarray(visible), np.asarray(normalizer, dtype=np.float64)
+    if predicted.shape != target.shape or predicted.ndim != 3 or predicted.shape[-1] != 2:
+        raise ValueError(f"pck needs predicted and target keypoints (N, K, 2), got {predicted.shape} and {target.shape}")
+    if visible.shape != predicted.shape[:2] or normalizer.shape != predicted.shape[:1]:
+        raise ValueError(
+            f"pck needs visible (N, K) and normalizer (N,) for {predicted.shape[:2]}, got {visible.shape} and {normalizer.shape}"
+        )
+    labelled = visible > 0
     if not labelled.any():
         raise ValueError("pck needs at least one labelled keypoint")
-    distance = np.linalg.norm(predicted - target, axis=-1) / np.asarray(normalizer, dtype=np.float64)[:, None]
+    distance = np.linalg.norm(predicted - target, axis=-1) / normalizer[:, None]
     return float((distance[labelled] <= threshold).mean())
 
 
@@ -83,6 +97,16 @@ def oks_nms(poses, scores, areas, threshold: float = 0.9, sigmas=COCO_SIGMAS) ->
             similarity = object_keypoint_similarity(poses[best], np.asarray(poses)[order], areas[best], sigmas)
             order = [i for i, s in zip(order, similarity) if s <= threshold]
     return keep
+
+
+def oks_nms_per_image(image_ids, poses, scores, areas, threshold: float = 0.9, sigmas=COCO_SIGMAS) -> np.ndarray:
+    """`oks_nms` within each image: the sorted indices of the poses (N, K, 2) that survive among their own image's."""
+    image_ids, poses, scores, areas = (np.asarray(values) for values in (image_ids, poses, scores, areas))
+    kept = []
+    for image_id in np.unique(image_ids):
+        members = np.flatnonzero(image_ids == image_id)
+        kept.extend(members[oks_nms(poses[members], scores[members], areas[members], threshold, sigmas)])
+    return np.sort(np.asarray(kept, dtype=np.int64))
 
 
 def coco_keypoint_results(image_ids, keypoints, keypoint_scores, box_scores, visible_threshold: float = 0.2) -> list[dict]:
