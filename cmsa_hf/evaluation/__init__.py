@@ -34,6 +34,21 @@ def load(name: str, **init_kwargs):
     return evaluate.load(metric_path(name), **init_kwargs)
 
 
+def metric_info(description: str, citation: str, inputs_description: str, features: dict, **links):
+    """The `evaluate.MetricInfo` of a shipped module: its texts, its input columns (name -> `datasets` feature) and
+    `homepage` / `codebase_urls` / `reference_urls`."""
+    import datasets
+    import evaluate
+
+    return evaluate.MetricInfo(
+        description=description,
+        citation=citation,
+        inputs_description=inputs_description,
+        features=datasets.Features(features),
+        **links,
+    )
+
+
 def stacked(rows, name: str, dtype=np.float64) -> np.ndarray:
     """An evaluate input column (a list of per-sample rows) as one array; ragged rows are an error naming `name`."""
     try:

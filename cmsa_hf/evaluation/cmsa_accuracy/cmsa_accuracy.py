@@ -4,7 +4,7 @@ import datasets
 import evaluate
 import torch
 
-from cmsa_hf.evaluation import stacked
+from cmsa_hf.evaluation import metric_info, stacked
 from cmsa_hf.metrics import top_k_accuracy
 
 
@@ -47,13 +47,9 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class CmsaAccuracy(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
-            ),
+        return metric_info(
+            _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION,
+            {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")},
             reference_urls=["https://arxiv.org/abs/1409.0575"],
         )
 

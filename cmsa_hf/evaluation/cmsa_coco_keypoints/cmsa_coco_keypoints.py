@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 import evaluate
 
-from cmsa_hf.evaluation import stacked
+from cmsa_hf.evaluation import metric_info, stacked
 from cmsa_hf.metrics import coco_keypoint_ap, coco_keypoint_results, oks_nms_per_image
 
 
@@ -79,19 +79,15 @@ class CmsaCocoKeypoints(evaluate.Metric):
         self.image_ids = None if image_ids is None else [int(image_id) for image_id in image_ids]
 
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "image_ids": datasets.Value("int64"),
-                    "keypoints": datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=2)),
-                    "keypoint_scores": datasets.Sequence(datasets.Value("float64")),
-                    "boxes": datasets.Sequence(datasets.Value("float64"), length=4),
-                    "box_scores": datasets.Value("float64"),
-                }
-            ),
+        return metric_info(
+            _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION,
+            {
+                "image_ids": datasets.Value("int64"),
+                "keypoints": datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=2)),
+                "keypoint_scores": datasets.Sequence(datasets.Value("float64")),
+                "boxes": datasets.Sequence(datasets.Value("float64"), length=4),
+                "box_scores": datasets.Value("float64"),
+            },
             homepage="https://cocodataset.org/#keypoints-eval",
             codebase_urls=["https://github.com/cocodataset/cocoapi"],
             reference_urls=["https://arxiv.org/abs/1405.0312", "https://arxiv.org/abs/1902.09212"],

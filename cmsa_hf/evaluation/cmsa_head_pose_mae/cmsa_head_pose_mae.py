@@ -3,7 +3,7 @@
 import datasets
 import evaluate
 
-from cmsa_hf.evaluation import stacked
+from cmsa_hf.evaluation import metric_info, stacked
 from cmsa_hf.metrics import head_pose_mae
 
 
@@ -46,16 +46,12 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class CmsaHeadPoseMae(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Value("float64"), length=3),
-                    "references": datasets.Sequence(datasets.Value("float64"), length=3),
-                }
-            ),
+        return metric_info(
+            _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION,
+            {
+                "predictions": datasets.Sequence(datasets.Value("float64"), length=3),
+                "references": datasets.Sequence(datasets.Value("float64"), length=3),
+            },
             reference_urls=["https://arxiv.org/abs/1710.00925"],
         )
 

@@ -3,7 +3,7 @@
 import datasets
 import evaluate
 
-from cmsa_hf.evaluation import stacked
+from cmsa_hf.evaluation import metric_info, stacked
 from cmsa_hf.metrics import pck
 
 
@@ -46,18 +46,14 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class CmsaPck(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=2)),
-                    "references": datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=2)),
-                    "visible": datasets.Sequence(datasets.Value("float64")),
-                    "normalizer": datasets.Value("float64"),
-                }
-            ),
+        return metric_info(
+            _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION,
+            {
+                "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=2)),
+                "references": datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=2)),
+                "visible": datasets.Sequence(datasets.Value("float64")),
+                "normalizer": datasets.Value("float64"),
+            },
             reference_urls=["https://doi.org/10.1109/TPAMI.2012.261"],
         )
 
