@@ -60,17 +60,14 @@ def pck(predicted, target, visible, normalizer, threshold: float = 0.05) -> floa
     predicted, target (N, K, 2); visible (N, K) (labelled when > 0); normalizer (N,), e.g. the box diagonal.
     """
     predicted, target = np.asarray(predicted, dtype=np.float64), np.asarray(target, dtype=np.float64)
-    visible, normalizer = np.asarray(visible), np.asarray(normalizer, dtype=np.float64)
-    if predicted.shape != target.shape or predicted.ndim != 3 or predicted.shape[-1] != 2:
-        raise ValueError(f"pck needs predicted and target keypoints (N, K, 2), got {predicted.shape} and {target.shape}")
-    if visible.shape != predicted.shape[:2] or normalizer.shape != predicted.shape[:1]:
-        raise ValueError(
-            f"pck needs visible (N, K) and normalizer (N,) for {predicted.shape[:2]}, got {visible.shape} and {normalizer.shape}"
-        )
-    labelled = visible > 0
+    labelled = np.asarray(visible) > 0
+    if predicted.shape != target.shape or predicted.ndim != 3 or labelled.shape != predicted.shape[:2]:
+        raise ValueError(f"pck needs predicted, target (N, K, 2) and visible (N, K), got {predicted.shape}, {target.shape}, {labelled.shape}")
+    if np.shape(normalizer) != predicted.shape[:1]:
+        raise ValueError(f"pck needs one normalizer per pose ({predicted.shape[0]}), got shape {np.shape(normalizer)}")
     if not labelled.any():
         raise ValueError("pck needs at least one labelled keypoint")
-    distance = np.linalg.norm(predicted - target, axis=-1) / normalizer[:, None]
+    distance = np.linalg.norm(predicted - target, axis=-1) / np.asarray(normalizer, dtype=np.float64)[:, None]
     return float((distance[labelled] <= threshold).mean())
 
 

@@ -44,10 +44,12 @@ def test_pck_counts_labelled_keypoints_within_the_threshold():
     assert pck(predicted, target, visible, np.array([100.0, 100.0])) == 0.75
     with pytest.raises(ValueError, match="at least one labelled keypoint"):
         pck(predicted, target, np.zeros((2, 3)), np.ones(2))
-    with pytest.raises(ValueError, match=r"keypoints \(N, K, 2\)"):
+    with pytest.raises(ValueError, match=r"target \(N, K, 2\)"):
         pck(predicted, target[:, :2], visible, np.ones(2))
-    with pytest.raises(ValueError, match=r"visible \(N, K\) and normalizer \(N,\)"):
+    with pytest.raises(ValueError, match=r"visible \(N, K\)"):
         pck(predicted, target, visible[:, :2], np.ones(2))
+    with pytest.raises(ValueError, match="one normalizer per pose"):
+        pck(predicted, target, visible, np.ones(3))
 
 
 def _ground_truth_results(annotation_file, shift=0.0):

@@ -56,7 +56,9 @@ Compute keywords:
         detected-box protocol); default None, no suppression (ground-truth boxes).
     visible_threshold (`float`, default 0.2): keypoint scores above it count in the pose score.
     results_file (`str` or `Path`, optional): where the COCO results json is written (default: a temporary file).
-    Any other keyword goes to `cmsa_hf.metrics.coco_keypoint_ap`.
+    sigmas (`list` (K) of `float`, optional): the keypoint set's OKS sigmas (`config.keypoint_sigmas`), for OKS NMS
+        and COCOeval; default COCO's person sigmas.
+    category_id (`int`, optional): the results' category for a non-person keypoint set (default COCO's person, 1).
 Returns:
     AP, AP50, AP75, APm, APl, AR, AR50, AR75, ARm, ARl (`float`): COCOeval's keypoint statistics, in [0, 1] (-1
     where a size range holds no person).
@@ -95,17 +97,20 @@ class CmsaCocoKeypoints(evaluate.Metric):
 
     def _compute(
         self, image_ids, keypoints, keypoint_scores, boxes, box_scores, oks_nms_threshold=None, visible_threshold=0.2,
-        results_file=None, **evaluation_kwargs,
+        results_file=None, sigmas=None, category_id=None,
     ):  # fmt: skip
         keypoints, keypoint_scores = stacked(keypoints, "keypoints"), stacked(keypoint_scores, "keypoint_scores")
         if keypoint_scores.shape != keypoints.shape[:2]:
             raise ValueError(f"keypoint_scores {keypoint_scores.shape} do not match keypoints {keypoints.shape[:2]}")
-        results = coco_keypoint_results(image_ids, keypoints, keypoint_scores, box_scores, visible_threshold)
+        # Only what is given goes on, so that the pure functions' defaults stay the one place for COCO's person set.
+        keypoint_set = {} if sigmas is None else {"sigmas": sigmas}
+        category = {} if category_id is None else {"category_id": category_id}
+        results = coco_keypoint_results(image_ids, keypoints, keypoint_scores, box_scores, visible_threshold, **category)
         if oks_nms_threshold is not None:
-            boxes = stacked(boxes, "boxes")
+            areas = stacked(boxes, "boxes")[:, 2:].prod(-1)
             pose_scores = [result["score"] for result in results]
-            keep = oks_nms_per_image(image_ids, keypoints, pose_scores, boxes[:, 2] * boxes[:, 3], oks_nms_threshold)
+            keep = oks_nms_per_image(image_ids, keypoints, pose_scores, areas, oks_nms_threshold, **keypoint_set)
             results = [results[index] for index in keep]
         with tempfile.TemporaryDirectory() as folder:
             results_file = results_file or Path(folder) / "keypoint_results.json"
-            return coco_keypoint_ap(self.annotation_file, results, results_file, self.image_ids, **evaluation_kwargs)
+            return coco_keypoint_ap(self.annotation_file, results, results_file, self.image_ids, **keypoint_set)
