@@ -96,16 +96,6 @@ def oks_nms(poses, scores, areas, threshold: float = 0.9, sigmas=COCO_SIGMAS) ->
     return keep
 
 
-def oks_nms_per_image(image_ids, poses, scores, areas, threshold: float = 0.9, sigmas=COCO_SIGMAS) -> np.ndarray:
-    """`oks_nms` within each image: the sorted indices of the poses (N, K, 2) that survive among their own image's."""
-    image_ids, poses, scores, areas = (np.asarray(values) for values in (image_ids, poses, scores, areas))
-    kept = []
-    for image_id in np.unique(image_ids):
-        members = np.flatnonzero(image_ids == image_id)
-        kept.extend(members[oks_nms(poses[members], scores[members], areas[members], threshold, sigmas)])
-    return np.sort(np.asarray(kept, dtype=np.int64))
-
-
 def coco_keypoint_results(image_ids, keypoints, keypoint_scores, box_scores, visible_threshold: float = 0.2) -> list[dict]:
     """COCO results entries for predicted poses: keypoints (N, K, 2) in image pixels, keypoint_scores (N, K),
     box_scores (N,). The pose score is the box score times the mean of the keypoint scores above
@@ -120,6 +110,16 @@ def coco_keypoint_results(image_ids, keypoints, keypoint_scores, box_scores, vis
             {"image_id": int(image_id), "category_id": 1, "keypoints": triplets.round(3).tolist(), "score": float(box_score * quality)}
         )
     return results
+
+
+def oks_nms_per_image(image_ids, poses, scores, areas, threshold: float = 0.9, sigmas=COCO_SIGMAS) -> np.ndarray:
+    """`oks_nms` within each image: the sorted indices of the poses (N, K, 2) that survive among their own image's."""
+    image_ids, poses, scores, areas = (np.asarray(values) for values in (image_ids, poses, scores, areas))
+    kept = []
+    for image_id in np.unique(image_ids):
+        members = np.flatnonzero(image_ids == image_id)
+        kept.extend(members[oks_nms(poses[members], scores[members], areas[members], threshold, sigmas)])
+    return np.sort(np.asarray(kept, dtype=np.int64))
 
 
 # ---------------------------------------------------------------------------------------------- head pose
