@@ -10,8 +10,15 @@ import torch
 
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     """Fraction of samples whose label is among the k highest logits. logits (N, classes), labels (N,)."""
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"top_k_accuracy needs logits (N, classes) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     if logits.shape[0] == 0:
         raise ValueError("top_k_accuracy needs at least one sample")
+    if labels.min() < 0 or labels.max() >= logits.shape[-1]:
+        classes = logits.shape[-1]
+        raise ValueError(f"labels must lie in [0, {classes}) for {classes} classes, got {labels.min()} to {labels.max()}")
     k = min(k, logits.shape[-1])
     top = logits.topk(k, dim=-1).indices
     return (top == labels.unsqueeze(-1)).any(dim=-1).float().mean().item()
@@ -54,6 +61,10 @@ def pck(predicted, target, visible, normalizer, threshold: float = 0.05) -> floa
     """
     predicted, target = np.asarray(predicted, dtype=np.float64), np.asarray(target, dtype=np.float64)
     labelled = np.asarray(visible) > 0
+    if predicted.shape != target.shape or predicted.ndim != 3 or labelled.shape != predicted.shape[:2]:
+        raise ValueError(f"pck needs predicted, target (N, K, 2) and visible (N, K), got {predicted.shape}, {target.shape}, {labelled.shape}")
+    if np.shape(normalizer) != predicted.shape[:1]:
+        raise ValueError(f"pck needs one normalizer per pose ({predicted.shape[0]}), got shape {np.shape(normalizer)}")
     if not labelled.any():
         raise ValueError("pck needs at least one labelled keypoint")
     distance = np.linalg.norm(predicted - target, axis=-1) / np.asarray(normalizer, dtype=np.float64)[:, None]
@@ -99,6 +110,16 @@ def coco_keypoint_results(image_ids, keypoints, keypoint_scores, box_scores, vis
             {"image_id": int(image_id), "category_id": 1, "keypoints": triplets.round(3).tolist(), "score": float(box_score * quality)}
         )
     return results
+
+
+def oks_nms_per_image(image_ids, poses, scores, areas, threshold: float = 0.9, sigmas=COCO_SIGMAS) -> np.ndarray:
+    """`oks_nms` within each image: the sorted indices of the poses (N, K, 2) that survive among their own image's."""
+    image_ids, poses, scores, areas = (np.asarray(values) for values in (image_ids, poses, scores, areas))
+    kept = []
+    for image_id in np.unique(image_ids):
+        members = np.flatnonzero(image_ids == image_id)
+        kept.extend(members[oks_nms(poses[members], scores[members], areas[members], threshold, sigmas)])
+    return np.sort(np.asarray(kept, dtype=np.int64))
 
 
 # ---------------------------------------------------------------------------------------------- head pose

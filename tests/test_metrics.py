@@ -13,6 +13,7 @@ from cmsa_hf.metrics import (
     mirror_sign_agreement,
     object_keypoint_similarity,
     oks_nms,
+    oks_nms_per_image,
     pck,
     top_k_accuracy,
 )
@@ -26,6 +27,10 @@ def test_top_k_accuracy():
     assert top_k_accuracy(logits, labels, 5) == 1.0  # k larger than the class count: every label is in
     with pytest.raises(ValueError):
         top_k_accuracy(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        top_k_accuracy(logits, torch.tensor([1, 3, 0]))  # would count as a miss, not as an error, unchecked
+    with pytest.raises(ValueError, match=r"logits \(N, classes\) and labels \(N,\)"):
+        top_k_accuracy(logits, labels[:2])
 
 
 # ---------------------------------------------------------------------------------------------- human pose
@@ -39,6 +44,12 @@ def test_pck_counts_labelled_keypoints_within_the_threshold():
     assert pck(predicted, target, visible, np.array([100.0, 100.0])) == 0.75
     with pytest.raises(ValueError, match="at least one labelled keypoint"):
         pck(predicted, target, np.zeros((2, 3)), np.ones(2))
+    with pytest.raises(ValueError, match=r"target \(N, K, 2\)"):
+        pck(predicted, target[:, :2], visible, np.ones(2))
+    with pytest.raises(ValueError, match=r"visible \(N, K\)"):
+        pck(predicted, target, visible[:, :2], np.ones(2))
+    with pytest.raises(ValueError, match="one normalizer per pose"):
+        pck(predicted, target, visible, np.ones(3))
 
 
 def _ground_truth_results(annotation_file, shift=0.0):
@@ -73,6 +84,13 @@ def test_oks_nms_drops_duplicates_only():
     keep = oks_nms(poses, np.array([0.8, 0.9, 0.7]), np.array([5000.0, 5000.0, 5000.0]))
     assert keep == [1, 2]  # the best of the two near-identical poses, and the distinct one
     assert object_keypoint_similarity(pose, pose[None], 5000.0)[0] == pytest.approx(1.0)
+
+
+def test_oks_nms_per_image_suppresses_within_each_image_only():
+    pose = np.random.default_rng(0).uniform(0, 50, (17, 2))
+    poses = np.stack([pose, pose + 0.2, pose, pose + 30])
+    keep = oks_nms_per_image([1, 1, 2, 2], poses, [0.5, 0.9, 0.8, 0.7], np.full(4, 2000.0))
+    assert keep.tolist() == [1, 2, 3]  # the duplicate in image 1 goes; image 2's distinct poses both stay
 
 
 def test_head_pose_mae_and_report():
