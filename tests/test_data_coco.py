@@ -13,8 +13,8 @@ from conftest import SHARED_DATA, make_coco_keypoints
 from cmsa_hf import CMSAImageProcessor
 from cmsa_hf.configuration_cmsa import COCO_FLIP_PAIRS
 from cmsa_hf.data.coco import load_coco_keypoints
-from cmsa_hf.data.transforms import TopDownTransform, swap_pairs
-from cmsa_hf.image_processing_cmsa import transform_points
+from cmsa_hf.data.transforms import TopDownTransform
+from cmsa_hf.geometry import swap_pairs, transform_points
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,10 @@ import numpy as np
 import torch
 
 from ..codecs import mirror_angles
-from ..image_processing_cmsa import box_to_center_and_size, crop_matrix, transform_points, warp_image
+from ..geometry import (
+    box_to_center_and_size, crop_matrix, flip_horizontally, mirror_matrix, points_to_center_and_size, swap_pairs,
+    transform_points, warp_image,
+)  # fmt: skip
 from .validation import decode_image
 
 
@@ -141,7 +144,7 @@ class ClassificationTransform:
             rng = np.random.default_rng([self.seed, self.epoch, row])
             image = random_crop_with_padding(np.asarray(image, dtype=np.float32), self.crop_padding, rng)
             if rng.random() < self.hflip_probability:
-                image = image[:, :, ::-1]
+                image = flip_horizontally(image)
             image = (image * self.processor.rescale_factor - self.mean) / self.std
             out.append(random_erasing(torch.from_numpy(np.ascontiguousarray(image)), rng, self.random_erasing_probability))
         return {"pixel_values": torch.stack(out), "labels": torch.as_tensor(batch[self.label_column])}
@@ -160,24 +163,7 @@ def half_body_region(keypoints, visibility, upper_body, aspect_ratio: float, rng
         chosen = upper if len(upper) >= 2 else []
     if len(chosen) < 2:
         return None
-    points = np.asarray(keypoints)[chosen]
-    top_left, bottom_right = points.min(axis=0), points.max(axis=0)
-    width, height = bottom_right - top_left
-    box = [top_left[0], top_left[1], max(width, 1.0), max(height, 1.0)]
-    return box_to_center_and_size(box, aspect_ratio, padding=1.5)
-
-
-def mirror_matrix(width: int) -> np.ndarray:
-    """The 3x3 horizontal mirror of a crop of `width` pixels (x -> width - x), to compose after a crop matrix."""
-    return np.array([[-1.0, 0, width], [0, 1, 0], [0, 0, 1]])
-
-
-def swap_pairs(values: np.ndarray, flip_pairs) -> np.ndarray:
-    """Swap left / right keypoints along the first axis."""
-    values = np.array(values, copy=True)
-    for left, right in flip_pairs:
-        values[[left, right]] = values[[right, left]]
-    return values
+    return points_to_center_and_size(np.asarray(keypoints)[chosen], aspect_ratio, padding=1.5)
 
 
 class _BoxCropTransform:
