@@ -47,9 +47,9 @@ def _rewrite(annotation_file, tmp_path, change) -> str:
     "change, error, message",
     [
         (lambda c: c.pop("annotations"), ValueError, "no 'annotations' field"),
-        (lambda c: c["categories"][0].pop("keypoints"), ValueError, "lists no keypoints"),
+        (lambda c: c["categories"][0].pop("keypoints"), ValueError, "no category lists keypoints"),
         (lambda c: c["annotations"][0].pop("keypoints"), ValueError, "annotation 10 has no 'keypoints' field"),
-        (lambda c: c.update(categories=[{"id": 3, "name": "car"}]), ValueError, "no person category"),
+        (lambda c: c.update(categories=[{"id": 3, "name": "car"}]), ValueError, r"no category lists keypoints .*\['car'\]"),
         (lambda c: c["annotations"][0].update(keypoints=[1, 2, 2] * 5), ValueError, "has 5 keypoints, expected 17"),
         (lambda c: c["images"][0].update(file_name="gone.png"), FileNotFoundError, "missing from"),
         (lambda c: c.update(annotations=c["annotations"][1:4]), ValueError, "No person instance left"),

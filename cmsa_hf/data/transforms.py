@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..codecs import mirror_angles
+from ..configuration_cmsa import COCO_UPPER_BODY_KEYPOINTS
 from ..geometry import (
     box_to_center_and_size, crop_matrix, flip_horizontally, mirror_matrix, points_to_center_and_size, swap_pairs,
     transform_points, warp_image,
@@ -150,9 +151,6 @@ class ClassificationTransform:
         return {"pixel_values": torch.stack(out), "labels": torch.as_tensor(batch[self.label_column])}
 
 
-COCO_UPPER_BODY = tuple(range(11))  # nose, eyes, ears, shoulders, elbows, wrists
-
-
 def half_body_region(keypoints, visibility, upper_body, aspect_ratio: float, rng: np.random.Generator):
     """HRNet's half-body augmentation: the (centre, size) of the visible upper or lower body, or None."""
     visible = np.flatnonzero(np.asarray(visibility) > 0)
@@ -185,9 +183,11 @@ class _BoxCropTransform:
 class TopDownTransform(_BoxCropTransform):
     """`Dataset.with_transform` callable for pose rows (`cmsa_hf.data.coco`): crop each person, encode its targets.
 
-    Training draws, per sample from (seed, epoch, row): half body (p 0.3, when more than 8 keypoints are visible),
+    Training draws, per sample from (seed, epoch, row): half body (p 0.3, when more than `half_body_min_keypoints`
+    keypoints are visible: the visible `upper_body` keypoints or the others; never when `upper_body` is empty),
     scale (x clip(1 + 0.35 N, 0.65, 1.35)), rotation (p 0.6, clip(45 N, -90, 90) degrees), horizontal flip (p 0.5,
-    left / right swapped) and random erasing, all as one affine warp that the keypoints follow. Returns
+    `flip_pairs` swapped) and random erasing, all as one affine warp that the keypoints follow. Take `flip_pairs`
+    and `upper_body` from the model's config (`config.flip_pairs`, `config.upper_body_keypoints`). Returns
     `pixel_values` (B, 3, H, W), `target_heatmaps` (B, K, h, w), `target_weights` (B, K) and `sample_index`.
     """
 
@@ -204,13 +204,15 @@ class TopDownTransform(_BoxCropTransform):
         rotation_factor: float = 45.0,
         rotation_probability: float = 0.6,
         random_erasing_probability: float = 0.0,
-        upper_body=COCO_UPPER_BODY,
+        upper_body=COCO_UPPER_BODY_KEYPOINTS,
+        half_body_min_keypoints: int = 8,
     ):
         self.processor, self.codec, self.flip_pairs = processor, codec, flip_pairs
         self.train, self.seed, self.epoch = train, seed, 0
         self.flip_probability, self.half_body_probability = flip_probability, half_body_probability
         self.scale_factor, self.rotation_factor, self.rotation_probability = scale_factor, rotation_factor, rotation_probability
         self.random_erasing_probability, self.upper_body = random_erasing_probability, set(upper_body)
+        self.half_body_min_keypoints = half_body_min_keypoints
 
     def crop_geometry(self, row: dict, rng: np.random.Generator | None) -> tuple[np.ndarray, bool]:
         """The crop matrix (image -> crop) of a row and whether it mirrors; random when `rng` is given."""
@@ -220,7 +222,8 @@ class TopDownTransform(_BoxCropTransform):
         rotation, mirror = 0.0, False
         if rng is not None:
             visibility = np.asarray(row["visibility"])
-            if (visibility > 0).sum() > 8 and rng.random() < self.half_body_probability:
+            enough = self.upper_body and (visibility > 0).sum() > self.half_body_min_keypoints
+            if enough and rng.random() < self.half_body_probability:
                 region = half_body_region(row["keypoints"], visibility, self.upper_body, aspect, rng)
                 if region is not None:
                     centre, size = region
