@@ -29,7 +29,7 @@ from cmsa_hf.codecs import DECODERS
 from cmsa_hf.data.coco import keypoint_metadata, load_coco_keypoints
 from cmsa_hf.data.transforms import TopDownTransform
 from cmsa_hf.hub import keypoint_detection_card
-from cmsa_hf.metrics import coco_keypoint_ap, coco_keypoint_results, oks_nms, pck
+from cmsa_hf.metrics import COCO_SIGMAS, coco_keypoint_ap, coco_keypoint_results, oks_nms, pck
 from cmsa_hf.training import (
     add_common_arguments,
     load_or_create_model,
@@ -165,7 +165,7 @@ def score_poses(rows, keypoints, scores, losses, processor, args, results_file, 
     return metrics
 
 
-def nms_per_image(image_ids, keypoints, scores, areas, sigmas) -> np.ndarray:
+def nms_per_image(image_ids, keypoints, scores, areas, sigmas=COCO_SIGMAS) -> np.ndarray:
     """Indices of the poses that survive OKS NMS within their own image."""
     kept = []
     for image_id in np.unique(image_ids):
