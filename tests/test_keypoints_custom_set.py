@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from transformers import pipeline
 
 from cmsa_hf import CMSAForKeypointDetection, CMSAImageProcessor
+from cmsa_hf.configuration_cmsa import DEFAULT_KEYPOINT_SIGMA
 from cmsa_hf.data.coco import keypoint_metadata
 from cmsa_hf.metrics import coco_keypoint_ap, coco_keypoint_results
 
@@ -148,3 +149,15 @@ def test_train_evaluate_and_reload_a_14_point_set(lsp, tmp_path):
     (decoded,) = processor.post_process_keypoint_detection(outputs, [[box]])[0]
     assert decoded["keypoints"].shape == (14, 2) and decoded["labels"] == LSP_NAMES
     np.testing.assert_allclose([[k["x"], k["y"]] for k in person["keypoints"]], decoded["keypoints"].detach(), atol=1e-4)
+
+
+def test_the_metadata_file_also_refines_a_saved_model(lsp, tmp_path):
+    annotation_file, image_dir, metadata_file = lsp
+    with pytest.warns(UserWarning, match="No keypoint_sigmas given"):
+        CMSAForKeypointDetection(tiny_config(**keypoint_metadata(annotation_file))).save_pretrained(tmp_path / "start")
+    common = ["--train_annotation_file", str(annotation_file), "--train_image_dir", str(image_dir), "--image_size", "16", "16"]
+    args = [*common, "--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(tmp_path / "start")]
+    model, _ = run_keypoints.load_model(run_keypoints.parse_args(args))
+    assert model.config.keypoint_sigmas == [DEFAULT_KEYPOINT_SIGMA] * 14  # the saved model's own
+    model, _ = run_keypoints.load_model(run_keypoints.parse_args([*args, "--keypoint_metadata_file", str(metadata_file)]))
+    check_lsp_config(model.config.to_dict())

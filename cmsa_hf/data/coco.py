@@ -144,23 +144,25 @@ def keypoint_category(coco: dict, annotation_file) -> dict:
     return categories[0]
 
 
-def keypoint_metadata(annotation_file, metadata_file=None) -> dict:
-    """The `CMSAConfig` keypoint fields of a COCO keypoints file: `keypoint_names` and `skeleton` from its keypoint
-    category (COCO's skeleton is 1-based; the config's is 0-based) and `flip_pairs` read from "left" / "right" in
-    the names (`flip_pairs_from_names`), with the fields of `metadata_file` (a JSON object, e.g. `keypoint_sigmas`,
-    `flip_pairs`, `upper_body_keypoints`) on top. The fields left out take the config's defaults: COCO's for COCO's
-    names; else no half-body set and `DEFAULT_KEYPOINT_SIGMA` for every keypoint, with a warning.
+def keypoint_metadata(annotation_file=None, metadata_file=None) -> dict:
+    """`CMSAConfig` keypoint fields: those of a COCO keypoints file (`keypoint_names` and `skeleton` from its keypoint
+    category, COCO's 1-based skeleton made 0-based, and `flip_pairs` read from "left" / "right" in the names,
+    `flip_pairs_from_names`), with the fields of `metadata_file` (a JSON object, e.g. `keypoint_sigmas`, `flip_pairs`,
+    `upper_body_keypoints`) on top; either may be None. The fields left out take the config's defaults: COCO's for
+    COCO's names; else no half-body set and `DEFAULT_KEYPOINT_SIGMA` for every keypoint, with a warning.
     """
-    category = keypoint_category(_read_json(annotation_file, "COCO annotation file"), annotation_file)
-    names = [str(name) for name in category["keypoints"]]
-    skeleton = category.get("skeleton") or []
-    if any(len(edge) != 2 or not all(1 <= int(i) <= len(names) for i in edge) for edge in skeleton):
-        raise ValueError(f"{annotation_file}: the skeleton must hold pairs of 1-based keypoint indices in [1, {len(names)}]")
-    metadata = {
-        "keypoint_names": names,
-        "skeleton": [[int(a) - 1, int(b) - 1] for a, b in skeleton],
-        "flip_pairs": flip_pairs_from_names(names),
-    }
+    metadata = {}
+    if annotation_file is not None:
+        category = keypoint_category(_read_json(annotation_file, "COCO annotation file"), annotation_file)
+        names = [str(name) for name in category["keypoints"]]
+        skeleton = category.get("skeleton") or []
+        if any(len(edge) != 2 or not all(1 <= int(i) <= len(names) for i in edge) for edge in skeleton):
+            raise ValueError(f"{annotation_file}: the skeleton must hold pairs of 1-based keypoint indices in [1, {len(names)}]")
+        metadata = {
+            "keypoint_names": names,
+            "skeleton": [[int(a) - 1, int(b) - 1] for a, b in skeleton],
+            "flip_pairs": flip_pairs_from_names(names),
+        }
     if metadata_file is None:
         return metadata
     given = _read_json(metadata_file, "keypoint metadata file")

@@ -61,8 +61,8 @@ def parse_args(argv=None):
     data.add_argument("--eval_every_epoch", action="store_true")
     data.add_argument(
         "--keypoint_metadata_file", type=str, default=None,
-        help="From scratch: a JSON object of config keypoint fields (keypoint_sigmas, flip_pairs, upper_body_keypoints, "
-        "...) over those of the training file's category.",
+        help="A JSON object of config keypoint fields (keypoint_sigmas, flip_pairs, upper_body_keypoints, ...) over "
+        "those of the training file's category (from scratch) or of the saved model.",
     )  # fmt: skip
 
     model = parser.add_argument_group("model")
@@ -90,8 +90,10 @@ def parse_args(argv=None):
 
 
 def load_model(args):
-    # From scratch, the keypoint set (names, skeleton, flip pairs, sigmas, upper body) is the training file's.
-    keypoints = {} if args.model_name_or_path else keypoint_metadata(args.train_annotation_file, args.keypoint_metadata_file)
+    # The keypoint set (names, skeleton, flip pairs, sigmas, upper body): from scratch the training file's, else the
+    # saved model's; --keypoint_metadata_file on top.
+    from_file = None if args.model_name_or_path else args.train_annotation_file
+    keypoints = keypoint_metadata(from_file, args.keypoint_metadata_file)
     model = load_or_create_model(CMSAForKeypointDetection, args, **keypoints)
     processor = CMSAImageProcessor.for_config(
         model.config, box_padding=args.box_padding, heatmap_sigma=args.heatmap_sigma, decoder=args.decoder,
