@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader
 
 from cmsa_hf import CMSAForKeypointDetection, CMSAImageProcessor
 from cmsa_hf.codecs import DECODERS
-from cmsa_hf.data.coco import load_coco_keypoints
+from cmsa_hf.data.coco import keypoint_metadata, load_coco_keypoints
 from cmsa_hf.data.transforms import TopDownTransform
 from cmsa_hf.hub import keypoint_detection_card
-from cmsa_hf.metrics import coco_keypoint_ap, coco_keypoint_results, oks_nms, pck
+from cmsa_hf.metrics import COCO_SIGMAS, coco_keypoint_ap, coco_keypoint_results, oks_nms, pck
 from cmsa_hf.training import (
     add_common_arguments,
     load_or_create_model,
@@ -59,6 +59,11 @@ def parse_args(argv=None):
     data.add_argument("--dataset_name", type=str, default="coco", help="Data set name for the model card.")
     data.add_argument("--eval_before_training", action="store_true", help="Also evaluate the initial model.")
     data.add_argument("--eval_every_epoch", action="store_true")
+    data.add_argument(
+        "--keypoint_metadata_file", type=str, default=None,
+        help="A JSON object of config keypoint fields (keypoint_sigmas, flip_pairs, upper_body_keypoints, ...) over "
+        "those of the training file's category (from scratch) or of the saved model.",
+    )  # fmt: skip
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", type=str, default=None, help="A saved CMSA folder or Hub id.")
@@ -85,7 +90,11 @@ def parse_args(argv=None):
 
 
 def load_model(args):
-    model = load_or_create_model(CMSAForKeypointDetection, args)
+    # The keypoint set (names, skeleton, flip pairs, sigmas, upper body): from scratch the training file's, else the
+    # saved model's; --keypoint_metadata_file on top.
+    from_file = None if args.model_name_or_path else args.train_annotation_file
+    keypoints = keypoint_metadata(from_file, args.keypoint_metadata_file)
+    model = load_or_create_model(CMSAForKeypointDetection, args, **keypoints)
     processor = CMSAImageProcessor.for_config(
         model.config, box_padding=args.box_padding, heatmap_sigma=args.heatmap_sigma, decoder=args.decoder,
         keypoint_names=model.config.keypoint_names,
@@ -126,14 +135,15 @@ def evaluate(accelerator, model, dataloader, dataset, processor, codec, args, re
     metrics = [None]
     if accelerator.is_main_process:
         keypoints, scores, indices, losses = (torch.cat(values) for values in (keypoints, scores, indices, losses))
-        metrics[0] = score_poses(dataset.select(indices.tolist()), keypoints, scores, losses, processor, args, results_file)
+        rows, sigmas = dataset.select(indices.tolist()), network.config.keypoint_sigmas
+        metrics[0] = score_poses(rows, keypoints, scores, losses, processor, args, results_file, sigmas)
     return broadcast_object_list(metrics)[0]
 
 
-def score_poses(rows, keypoints, scores, losses, processor, args, results_file) -> dict:
+def score_poses(rows, keypoints, scores, losses, processor, args, results_file, sigmas) -> dict:
     """Map the decoded crops back to the images, write the COCO results json (OKS NMS per image for detected
     boxes) and score it with COCOeval over every image of the split (all images of the annotation file, or those
-    of the `--max_eval_samples` subset)."""
+    of the `--max_eval_samples` subset); OKS uses the keypoint set's `sigmas`."""
     boxes = [[box] for box in rows["box"]]
     poses = [image_poses[0] for image_poses in processor.crop_keypoints_to_image(keypoints, scores, boxes)]
     image_keypoints = np.stack([pose["keypoints"].numpy() for pose in poses])
@@ -141,11 +151,11 @@ def score_poses(rows, keypoints, scores, losses, processor, args, results_file) 
     results = coco_keypoint_results(image_ids, image_keypoints, scores.numpy(), np.asarray(rows["score"]))
     if args.detections_file:  # the detected-box protocol: OKS NMS among the rescored poses of each image
         areas = np.asarray([w * h for _, _, w, h in rows["box"]])
-        keep = nms_per_image(image_ids, image_keypoints, np.asarray([r["score"] for r in results]), areas)
+        keep = nms_per_image(image_ids, image_keypoints, np.asarray([r["score"] for r in results]), areas, sigmas)
         results = [results[i] for i in keep]
     annotation_file = args.validation_annotation_file or args.train_annotation_file
     evaluated_images = sorted(set(rows["image_id"])) if args.max_eval_samples is not None else None
-    coco = coco_keypoint_ap(annotation_file, results, results_file, image_ids=evaluated_images)
+    coco = coco_keypoint_ap(annotation_file, results, results_file, image_ids=evaluated_images, sigmas=sigmas)
     metrics = {f"eval_{name}": round(value, 4) for name, value in coco.items()}
     metrics["eval_samples"] = int(len(rows))
     if not args.detections_file:
@@ -157,12 +167,12 @@ def score_poses(rows, keypoints, scores, losses, processor, args, results_file) 
     return metrics
 
 
-def nms_per_image(image_ids, keypoints, scores, areas) -> np.ndarray:
+def nms_per_image(image_ids, keypoints, scores, areas, sigmas=COCO_SIGMAS) -> np.ndarray:
     """Indices of the poses that survive OKS NMS within their own image."""
     kept = []
     for image_id in np.unique(image_ids):
         members = np.flatnonzero(image_ids == image_id)
-        kept.extend(members[oks_nms(keypoints[members], scores[members], areas[members])])
+        kept.extend(members[oks_nms(keypoints[members], scores[members], areas[members], sigmas=sigmas)])
     return np.sort(np.asarray(kept, dtype=np.int64))
 
 
@@ -191,6 +201,7 @@ def main(argv=None):
         flip_probability=args.flip_probability, half_body_probability=args.half_body_probability,
         scale_factor=args.scale_factor, rotation_factor=args.rotation_factor,
         rotation_probability=args.rotation_probability, random_erasing_probability=args.random_erasing_probability,
+        upper_body=model.config.upper_body_keypoints,
     )  # fmt: skip
     eval_transform = TopDownTransform(processor, codec, model.config.flip_pairs)
     train_dataloader = make_train_dataloader(train_set.with_transform(train_transform), args)
