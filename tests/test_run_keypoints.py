@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForKeypointDetection
 
 from cmsa_hf import CMSAForKeypointDetection
+from cmsa_hf.tasks.keypoint_detection import nms_per_image
 
 
 SCRIPT = REPO_ROOT / "examples" / "keypoint-detection" / "run_keypoints.py"
@@ -110,7 +111,7 @@ def test_oks_nms_runs_within_each_image():
     pose = np.random.default_rng(0).uniform(0, 50, (17, 2))
     poses = np.stack([pose, pose + 0.2, pose, pose + 30])
     image_ids = np.array([1, 1, 2, 2])
-    keep = run_keypoints.nms_per_image(image_ids, poses, np.array([0.5, 0.9, 0.8, 0.7]), np.full(4, 2000.0))
+    keep = nms_per_image(image_ids, poses, np.array([0.5, 0.9, 0.8, 0.7]), np.full(4, 2000.0))
     assert keep.tolist() == [1, 2, 3]  # the duplicate in image 1 goes; image 2's distinct poses both stay
 
 
