@@ -18,6 +18,7 @@ from cmsa_hf import CMSAForKeypointDetection, CMSAImageProcessor
 from cmsa_hf.configuration_cmsa import DEFAULT_KEYPOINT_SIGMA
 from cmsa_hf.data.coco import keypoint_metadata
 from cmsa_hf.metrics import coco_keypoint_ap, coco_keypoint_results
+from cmsa_hf.tasks import KeypointDetectionTask, parse_args
 
 
 SCRIPT = REPO_ROOT / "examples" / "keypoint-detection" / "run_keypoints.py"
@@ -96,6 +97,12 @@ def test_set_sigmas_drive_the_oks_ap(lsp, tmp_path):
         coco_keypoint_ap(annotation_file, results, tmp_path / "r.json")
 
 
+def load_model(argv):
+    """The (model, processor) that `run_keypoints.py` with these flags would train."""
+    task = KeypointDetectionTask()
+    return task.create_model(parse_args(task, argv))
+
+
 def check_lsp_config(config: dict):
     assert config["keypoint_names"] == LSP_NAMES and config["keypoint_sigmas"] == LSP_SIGMAS
     assert sorted(map(sorted, config["flip_pairs"])) == sorted(map(sorted, LSP_FLIP_PAIRS))
@@ -105,12 +112,11 @@ def check_lsp_config(config: dict):
 def test_from_scratch_the_script_takes_the_set_of_the_training_file(lsp, tmp_path):
     annotation_file, image_dir, metadata_file = lsp
     common = ["--train_annotation_file", str(annotation_file), "--train_image_dir", str(image_dir), "--output_dir", str(tmp_path)]
-    args = run_keypoints.parse_args([*common, "--keypoint_metadata_file", str(metadata_file), "--image_size", "16", "16"])
-    model, processor = run_keypoints.load_model(args)
+    model, processor = load_model([*common, "--keypoint_metadata_file", str(metadata_file), "--image_size", "16", "16"])
     check_lsp_config(model.config.to_dict())
     assert model.config.variant == "cmsa-s" and processor.keypoint_names == LSP_NAMES
     with pytest.warns(UserWarning, match="No keypoint_sigmas given for the 14 keypoints"):
-        model, _ = run_keypoints.load_model(run_keypoints.parse_args([*common, "--image_size", "16", "16"]))
+        model, _ = load_model([*common, "--image_size", "16", "16"])
     assert model.config.upper_body_keypoints == [] and model.config.keypoint_names == LSP_NAMES
 
 
@@ -157,7 +163,7 @@ def test_the_metadata_file_also_refines_a_saved_model(lsp, tmp_path):
         CMSAForKeypointDetection(tiny_config(**keypoint_metadata(annotation_file))).save_pretrained(tmp_path / "start")
     common = ["--train_annotation_file", str(annotation_file), "--train_image_dir", str(image_dir), "--image_size", "16", "16"]
     args = [*common, "--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(tmp_path / "start")]
-    model, _ = run_keypoints.load_model(run_keypoints.parse_args(args))
+    model, _ = load_model(args)
     assert model.config.keypoint_sigmas == [DEFAULT_KEYPOINT_SIGMA] * 14  # the saved model's own
-    model, _ = run_keypoints.load_model(run_keypoints.parse_args([*args, "--keypoint_metadata_file", str(metadata_file)]))
+    model, _ = load_model([*args, "--keypoint_metadata_file", str(metadata_file)])
     check_lsp_config(model.config.to_dict())
