@@ -86,12 +86,16 @@ def train_one(args) -> dict:
 
     model = build_model(args.model, len(names)).to(device)
     model = model.to(memory_format=torch.channels_last)
+    from cmsa_hf.tasks import ImageClassificationTask
+
+    paper = ImageClassificationTask.recipe
     recipe = SimpleNamespace(
-        weight_decay=0.05, learning_rate=args.learning_rate, adam_beta1=0.9, adam_beta2=0.999,
+        weight_decay=paper["weight_decay"], learning_rate=args.learning_rate, adam_beta1=paper["adam_beta1"],
+        adam_beta2=paper["adam_beta2"],
         max_train_steps=args.max_train_steps, num_train_epochs=args.num_train_epochs, num_warmup_steps=None,
         num_warmup_epochs=args.warmup_fraction * (args.max_train_steps / len(train_loader) if args.max_train_steps
                                                   else args.num_train_epochs),
-        lr_scheduler_type="cosine_with_min_lr", min_learning_rate=1e-5,
+        lr_scheduler_type=paper["lr_scheduler_type"], min_learning_rate=paper["min_learning_rate"],
     )  # fmt: skip
     optimizer, scheduler, total_steps = make_optimizer_and_scheduler(model, recipe, len(train_loader))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
@@ -104,7 +108,7 @@ def train_one(args) -> dict:
             started = time.perf_counter()
             pixels = batch["pixel_values"].to(device).contiguous(memory_format=torch.channels_last)
             labels = batch["labels"].to(device)
-            pixels, targets = mix_batch(pixels, labels, len(names), mixup_alpha=0, cutmix_alpha=0, label_smoothing=0.1)
+            pixels, targets = mix_batch(pixels, labels, len(names), mixup_alpha=0, cutmix_alpha=0, label_smoothing=paper["label_smoothing"])
             with autocast:
                 logits = model(pixel_values=pixels).logits
             loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
@@ -156,9 +160,12 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max_train_steps", type=int, default=None, help="Fixed budget (CPU); else epochs.")
     parser.add_argument("--num_train_epochs", type=int, default=50)
-    parser.add_argument("--batch_size", type=int, default=128)
+    from cmsa_hf.tasks import ImageClassificationTask
+
+    paper = ImageClassificationTask.recipe
+    parser.add_argument("--batch_size", type=int, default=paper["per_device_train_batch_size"])
     parser.add_argument("--eval_batch_size", type=int, default=250)
-    parser.add_argument("--learning_rate", type=float, default=2.5e-3)
+    parser.add_argument("--learning_rate", type=float, default=paper["learning_rate"])
     parser.add_argument("--warmup_fraction", type=float, default=0.05)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU).")
     parser.add_argument("--num_workers", type=int, default=2)

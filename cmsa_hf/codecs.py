@@ -1,14 +1,16 @@
 """Codecs between task values and network outputs (the mmpose split): one piece makes the training targets and
 decodes the predictions. Keypoints <-> heatmaps (human pose) and angles <-> bins (head pose).
 
-Coordinates are continuous with pixel i spanning [i, i + 1] (its centre at i + 0.5), the convention of PIL's affine
-transforms: an input crop of width W maps to heatmaps of width w by a plain scaling x * w / W, and a horizontal
-mirror is x -> W - x at every resolution.
+Coordinates follow `cmsa_hf.geometry`: continuous, pixel i spanning [i, i + 1] (its centre at i + 0.5), so an input
+crop of width W maps to heatmaps of width w by a plain scaling x * w / W, and a horizontal mirror is x -> W - x at
+every resolution.
 """
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .geometry import flip_horizontally, resize_matrix, swap_pairs
 
 
 DECODERS = ("dark", "quarter")
@@ -32,9 +34,7 @@ class HeatmapCodec:
         self.heatmap_size = tuple(int(v) for v in heatmap_size)
         self.sigma = float(sigma) if sigma is not None else gaussian_sigma_for(self.heatmap_size)
         self.decoder = decoder
-        self.stride = np.array(
-            [self.input_size[1] / self.heatmap_size[1], self.input_size[0] / self.heatmap_size[0]], dtype=np.float64
-        )
+        self.stride = np.diag(resize_matrix(self.heatmap_size, self.input_size))[:2].copy()  # (x, y) input pixels per heatmap pixel
 
     # ------------------------------------------------------------------------------------------------ encode
 
@@ -143,16 +143,12 @@ class HeatmapCodec:
 
 
 def flip_heatmaps_back(heatmaps: torch.Tensor, flip_pairs) -> torch.Tensor:
-    """Heatmaps predicted on a mirrored crop -> heatmaps of the original crop: mirror them and swap left / right.
+    """Heatmaps (N, K, h, w) predicted on a mirrored crop -> heatmaps of the original crop: mirror them and swap left / right.
 
     Under the continuous convention above the mirror is exact at any stride, so no one-pixel shift is needed (the
     shift of HRNet's flip test compensates a coordinate convention with pixel centres at integers).
     """
-    flipped = heatmaps.flip(-1)
-    order = list(range(heatmaps.shape[1]))
-    for left, right in flip_pairs:
-        order[left], order[right] = right, left
-    return flipped[:, order]
+    return swap_pairs(flip_horizontally(heatmaps), flip_pairs, axis=1)
 
 
 class AngleBinCodec:

@@ -1,5 +1,9 @@
 """CMSA model configuration and the paper's S / B / L presets."""
 
+import math
+import re
+import warnings
+
 from transformers import PreTrainedConfig
 
 
@@ -42,7 +46,8 @@ TASK_HEADS = {
 HEAD_FIELDS = {"head-pose-estimation": "head_pose_head"}
 HEAD_POSE_HEADS = tuple(TASK_HEADS["head-pose-estimation"])  # the choices of run_head_pose.py --head
 
-# COCO person keypoints: names, left/right pairs swapped by a horizontal flip, skeleton edges (0-based).
+# COCO person keypoints: names, left/right pairs swapped by a horizontal flip, skeleton edges (0-based), the OKS
+# sigmas of COCOeval (pycocotools' `kpt_oks_sigmas`) and the upper body of HRNet's half-body augmentation.
 COCO_KEYPOINT_NAMES = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
     "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
@@ -53,6 +58,38 @@ COCO_SKELETON = (
     (15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8), (7, 9), (8, 10),
     (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6),
 )  # fmt: skip
+COCO_KEYPOINT_SIGMAS = (
+    0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.107, 0.087, 0.087, 0.089, 0.089,
+)  # fmt: skip
+COCO_UPPER_BODY_KEYPOINTS = tuple(range(11))  # nose, eyes, ears, shoulders, elbows, wrists
+# The OKS sigma given to every keypoint of a set that names none: the mean of COCO's 17 (0.0669, between COCO's
+# elbows and hips), with a warning, since OKS AP then measures a tolerance nobody calibrated for that set.
+DEFAULT_KEYPOINT_SIGMA = round(sum(COCO_KEYPOINT_SIGMAS) / len(COCO_KEYPOINT_SIGMAS), 4)
+
+_SIDE_WORDS = {"left": "right", "right": "left"}
+
+
+def flip_pairs_from_names(names) -> list[list[int]]:
+    """Left / right keypoint pairs read from the names: a name holding the word "left" (or "right") pairs with the
+    same name holding "right" (or "left") instead, the words split by "_", "-", "." or spaces, in any case
+    ("left_eye" / "right_eye", "Wrist Left" / "Wrist Right"). Names without a partner are not flipped."""
+    index = {name: i for i, name in enumerate(names)}
+    pairs = []
+    for i, name in enumerate(names):
+        words = re.split(r"([_\-. ])", name)
+        lowered = [word.lower() for word in words]
+        if "left" not in lowered:
+            continue
+        partner = "".join(
+            _match_case(_SIDE_WORDS[low], word) if low in _SIDE_WORDS else word for word, low in zip(words, lowered)
+        )
+        if partner in index:
+            pairs.append([i, index[partner]])
+    return pairs
+
+
+def _match_case(word: str, like: str) -> str:
+    return word.upper() if like.isupper() else word.capitalize() if like[:1].isupper() else word
 
 
 def _tasks_served_remotely(custom_pipelines: dict) -> dict:
@@ -129,8 +166,14 @@ class CMSAConfig(PreTrainedConfig):
             attention's output projection included (an `nn.Linear` in the authors' code, a 1x1 conv here).
         keypoint_names (`list[str]`, defaults to COCO's 17): Keypoints predicted by `CMSAForKeypointDetection`,
             one heatmap each, in this order.
-        flip_pairs (`list[list[int]]`, defaults to COCO's): Keypoint index pairs that a horizontal flip swaps.
-        skeleton (`list[list[int]]`, defaults to COCO's): Keypoint index pairs joined when drawing a pose.
+        flip_pairs (`list[list[int]]`, defaults to COCO's for COCO's names, else read from "left" / "right" in the
+            names, `flip_pairs_from_names`): Keypoint index pairs that a horizontal flip swaps (disjoint).
+        skeleton (`list[list[int]]`, defaults to COCO's for COCO's names, else none): Keypoint index pairs joined
+            when drawing a pose.
+        keypoint_sigmas (`list[float]`, defaults to COCO's for COCO's names, else `DEFAULT_KEYPOINT_SIGMA` for every
+            keypoint, with a warning): Per-keypoint OKS sigmas (COCOeval's `kpt_oks_sigmas`, the OKS NMS).
+        upper_body_keypoints (`list[int]`, defaults to COCO's nose to wrists for COCO's names, else none): The
+            keypoints of the upper body for the half-body augmentation (none: no half-body crops).
         heatmap_init_scale (`float`, defaults to 0.01): Initial scale (BatchNorm weight) of the heatmaps of
             `CMSAForKeypointDetection`, so that they start near zero like the Gaussian targets' background.
         head_pose_head (`str`, defaults to `"ssr"`): Head of `CMSAForHeadPoseEstimation` (`TASK_HEADS`): `"ssr"`, the
@@ -178,8 +221,10 @@ class CMSAConfig(PreTrainedConfig):
     head_pose_regression_weight: float = 2.0
     ssr_stage_bins: list | tuple = (3, 3, 3)
     keypoint_names: list | tuple = COCO_KEYPOINT_NAMES
-    flip_pairs: list | tuple = COCO_FLIP_PAIRS
-    skeleton: list | tuple = COCO_SKELETON
+    flip_pairs: list | tuple | None = None
+    skeleton: list | tuple | None = None
+    keypoint_sigmas: list | tuple | None = None
+    upper_body_keypoints: list | tuple | None = None
 
     def __post_init__(self, **kwargs):
         self.image_size = list(_pair(self.image_size))
@@ -190,9 +235,7 @@ class CMSAConfig(PreTrainedConfig):
         self.fixed_window_sizes = [[list(_pair(window)) for window in stage] for stage in self.fixed_window_sizes]
         self.kv_pool_ratios = [[int(r) for r in stage] for stage in self.kv_pool_ratios]
         self.ssr_stage_bins = [int(b) for b in self.ssr_stage_bins]
-        self.keypoint_names = [str(name) for name in self.keypoint_names]
-        self.flip_pairs = [[int(i) for i in pair] for pair in self.flip_pairs]
-        self.skeleton = [[int(i) for i in edge] for edge in self.skeleton]
+        self._set_keypoint_metadata()
         self._validate_positive()
         self._validate_architecture()
         self._validate_keypoints()
@@ -368,11 +411,56 @@ class CMSAConfig(PreTrainedConfig):
         if len(self.ssr_stage_bins) != self.num_stages:
             raise ValueError(f"ssr_stage_bins needs one entry per stage ({self.num_stages}), got {self.ssr_stage_bins}")
 
+    def _set_keypoint_metadata(self):
+        """Fill the keypoint fields left None (COCO's for COCO's names, see the docstring) and normalise their types."""
+        self.keypoint_names = [str(name) for name in self.keypoint_names]
+        coco = tuple(self.keypoint_names) == COCO_KEYPOINT_NAMES
+        if self.flip_pairs is None:
+            self.flip_pairs = COCO_FLIP_PAIRS if coco else flip_pairs_from_names(self.keypoint_names)
+        if self.skeleton is None:
+            self.skeleton = COCO_SKELETON if coco else []
+        if self.upper_body_keypoints is None:
+            self.upper_body_keypoints = COCO_UPPER_BODY_KEYPOINTS if coco else []
+        if self.keypoint_sigmas is None and not coco:
+            warnings.warn(
+                f"No keypoint_sigmas given for the {len(self.keypoint_names)} keypoints {self.keypoint_names[:3]}...: "
+                f"OKS (COCO AP, OKS NMS) uses {DEFAULT_KEYPOINT_SIGMA} for every keypoint; give the set's own sigmas",
+                stacklevel=3,
+            )
+        if self.keypoint_sigmas is None:
+            self.keypoint_sigmas = COCO_KEYPOINT_SIGMAS if coco else [DEFAULT_KEYPOINT_SIGMA] * len(self.keypoint_names)
+        self.flip_pairs = [[int(i) for i in pair] for pair in self.flip_pairs]
+        self.skeleton = [[int(i) for i in edge] for edge in self.skeleton]
+        self.keypoint_sigmas = [float(sigma) for sigma in self.keypoint_sigmas]
+        self.upper_body_keypoints = [int(i) for i in self.upper_body_keypoints]
+
     def _validate_keypoints(self):
+        """Clear errors for keypoint metadata that does not fit `keypoint_names` (it would otherwise surface as a
+        shape error in the metrics, or as a silently wrong flip)."""
+        count = self.num_keypoints
+        if count == 0 or len(set(self.keypoint_names)) != count:
+            raise ValueError(f"keypoint_names must be at least one name, each once, got {self.keypoint_names}")
         for name in ("flip_pairs", "skeleton"):
             for pair in getattr(self, name):
-                if len(pair) != 2 or not all(0 <= i < self.num_keypoints for i in pair):
-                    raise ValueError(f"{name} entry {pair} must be two keypoint indices in [0, {self.num_keypoints})")
+                if len(pair) != 2 or not all(0 <= i < count for i in pair):
+                    raise ValueError(f"{name} entry {pair} must be two keypoint indices in [0, {count})")
+        flipped = [i for pair in self.flip_pairs for i in pair]
+        if len(set(flipped)) != len(flipped):
+            repeated = sorted({i for i in flipped if flipped.count(i) > 1})
+            raise ValueError(f"flip_pairs must be disjoint pairs of two different keypoints; {repeated} appear twice")
+        if len(self.keypoint_sigmas) != count:
+            raise ValueError(
+                f"keypoint_sigmas has {len(self.keypoint_sigmas)} entries for {count} keypoint_names: give one per keypoint"
+            )
+        if not all(math.isfinite(sigma) and sigma > 0 for sigma in self.keypoint_sigmas):
+            raise ValueError(f"keypoint_sigmas must be positive and finite, got {self.keypoint_sigmas}")
+        upper = self.upper_body_keypoints
+        if len(set(upper)) != len(upper) or not all(0 <= i < count for i in upper):
+            raise ValueError(f"upper_body_keypoints must be distinct keypoint indices in [0, {count}), got {upper}")
 
 
-__all__ = ["CMSAConfig", "TASK_HEADS", "HEAD_FIELDS", "VARIANTS", "WINDOW_LAYOUTS", "AUTHORS_WINDOW_SIZES", "COCO_KEYPOINT_NAMES", "COCO_FLIP_PAIRS", "COCO_SKELETON"]
+__all__ = [
+    "CMSAConfig", "TASK_HEADS", "HEAD_FIELDS", "VARIANTS", "WINDOW_LAYOUTS", "AUTHORS_WINDOW_SIZES", "COCO_KEYPOINT_NAMES",
+    "COCO_FLIP_PAIRS", "COCO_SKELETON", "COCO_KEYPOINT_SIGMAS", "COCO_UPPER_BODY_KEYPOINTS", "DEFAULT_KEYPOINT_SIGMA",
+    "flip_pairs_from_names",
+]  # fmt: skip

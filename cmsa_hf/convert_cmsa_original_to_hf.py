@@ -22,7 +22,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from .configuration_cmsa import VARIANTS, CMSAConfig
 from .hub import _template, model_facts, push_folder_to_hub
 from .image_processing_cmsa import CMSAImageProcessor
-from .modeling_cmsa import CMSAForKeypointDetection, CMSAReparamConv
+from .modeling_cmsa import CMSAForKeypointDetection
 
 
 AUTHORS_REPOSITORY = "https://github.com/xyongLu/CMSA"

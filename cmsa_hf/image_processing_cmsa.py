@@ -1,7 +1,8 @@
 """Image processor for CMSA (PIL / NumPy backend): whole images resized to the model's low input resolution, or
 boxes (persons, faces) cropped with an affine transform; decoding of the pose heatmaps back to image coordinates.
 
-Crop geometry uses continuous coordinates with pixel i spanning [i, i + 1], the convention of PIL's transforms.
+Crop geometry (`cmsa_hf.geometry`) uses continuous coordinates with pixel i spanning [i, i + 1], the convention of
+PIL's transforms.
 """
 
 import numpy as np
@@ -13,45 +14,7 @@ from transformers.image_transforms import convert_to_rgb, to_pil_image
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
 from .codecs import DECODERS, HeatmapCodec, euler_to_rotation_matrix
-
-
-def box_to_center_and_size(box, aspect_ratio: float, padding: float = 1.25) -> tuple[np.ndarray, np.ndarray]:
-    """COCO box (x, y, width, height) -> centre and (width, height) of the crop region: the box grown to the
-    model's aspect ratio (width / height), then padded (x1.25 in the HRNet protocol)."""
-    x, y, width, height = (float(v) for v in box)
-    centre = np.array([x + width / 2, y + height / 2])
-    if width > aspect_ratio * height:
-        height = width / aspect_ratio
-    else:
-        width = height * aspect_ratio
-    return centre, np.array([width, height]) * padding
-
-
-def crop_matrix(centre, size, output_size, rotation: float = 0.0) -> np.ndarray:
-    """3x3 affine matrix from image to crop coordinates: the region of `size` (width, height) around `centre`,
-    rotated by `rotation` degrees, fills an output of `output_size` (height, width)."""
-    out_height, out_width = output_size
-    angle = np.deg2rad(rotation)
-    cos, sin = np.cos(angle), np.sin(angle)
-    to_origin = np.array([[1, 0, -centre[0]], [0, 1, -centre[1]], [0, 0, 1]])
-    rotate = np.array([[cos, sin, 0], [-sin, cos, 0], [0, 0, 1]])
-    scale = np.diag([out_width / size[0], out_height / size[1], 1.0])
-    to_output = np.array([[1, 0, out_width / 2], [0, 1, out_height / 2], [0, 0, 1]])
-    return to_output @ scale @ rotate @ to_origin
-
-
-def transform_points(points, matrix) -> np.ndarray:
-    """Apply a 3x3 affine matrix to (..., 2) points."""
-    points = np.asarray(points, dtype=np.float64)
-    return points @ matrix[:2, :2].T + matrix[:2, 2]
-
-
-def warp_image(image: Image.Image, matrix, output_size) -> np.ndarray:
-    """The crop of an RGB image under `crop_matrix` (bilinear; outside the image is black): (H, W, 3) uint8."""
-    out_height, out_width = output_size
-    inverse = np.linalg.inv(matrix)
-    crop = image.transform((out_width, out_height), Image.AFFINE, data=tuple(inverse[:2].ravel()), resample=Image.BILINEAR)
-    return np.asarray(crop)
+from .geometry import box_to_center_and_size, crop_matrix, crop_points_to_image, warp_image
 
 
 def to_rgb_image(image) -> Image.Image:
@@ -262,7 +225,7 @@ class CMSAImageProcessor(PilBackend):
         for image_boxes, image_matrices in zip(boxes, self.crop_matrices(sizes, boxes)):
             per_image = []
             for box, matrix in zip(image_boxes, image_matrices):
-                keypoints = transform_points(np.asarray(coordinates[cursor]), np.linalg.inv(matrix))
+                keypoints = crop_points_to_image(np.asarray(coordinates[cursor]), matrix)
                 per_image.append(
                     {"keypoints": torch.from_numpy(keypoints).float(), "scores": torch.as_tensor(scores[cursor]), "labels": names, "bbox": list(box)}
                 )

@@ -1,4 +1,4 @@
-"""Evaluation metrics as pure functions (COCO OKS AP through pycocotools)."""
+"""Evaluation metrics as pure functions (COCO OKS AP through pycocotools, with any keypoint set's sigmas)."""
 
 import contextlib
 import io
@@ -7,11 +7,20 @@ import json
 import numpy as np
 import torch
 
+from .configuration_cmsa import COCO_KEYPOINT_SIGMAS
+
 
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     """Fraction of samples whose label is among the k highest logits. logits (N, classes), labels (N,)."""
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"top_k_accuracy needs logits (N, classes) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     if logits.shape[0] == 0:
         raise ValueError("top_k_accuracy needs at least one sample")
+    if labels.min() < 0 or labels.max() >= logits.shape[-1]:
+        classes = logits.shape[-1]
+        raise ValueError(f"labels must lie in [0, {classes}) for {classes} classes, got {labels.min()} to {labels.max()}")
     k = min(k, logits.shape[-1])
     top = logits.topk(k, dim=-1).indices
     return (top == labels.unsqueeze(-1)).any(dim=-1).float().mean().item()
@@ -22,13 +31,14 @@ def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> fl
 COCO_KEYPOINT_STATS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
 
-def coco_keypoint_ap(annotation_file, results: list[dict], results_file, image_ids=None) -> dict:
+def coco_keypoint_ap(annotation_file, results: list[dict], results_file, image_ids=None, sigmas=None) -> dict:
     """COCO OKS AP / AR of keypoint `results` with pycocotools' COCOeval.
 
     `results` are COCO results entries (`image_id`, `category_id`, `keypoints` [x, y, score] * K, `score`); they
     are written to `results_file` first, and the evaluation reads that file, as the official protocol does. The
     evaluation covers `image_ids` (default: every image of the annotation file, so that persons in images without
-    a result count as missed).
+    a result count as missed). `sigmas` (K,) are the keypoint set's OKS sigmas (`config.keypoint_sigmas`;
+    pycocotools' COCO person sigmas when None, which only a 17-keypoint set may use).
     """
     from pycocotools.coco import COCO  # the `pose` extra
     from pycocotools.cocoeval import COCOeval
@@ -39,12 +49,41 @@ def coco_keypoint_ap(annotation_file, results: list[dict], results_file, image_i
         json.dump(results, handle)
     with contextlib.redirect_stdout(io.StringIO()):
         ground_truth = COCO(str(annotation_file))
+    num_keypoints = _check_keypoint_results(ground_truth, results, annotation_file)
+    if sigmas is not None and np.shape(sigmas) != (num_keypoints,):
+        raise ValueError(f"{len(sigmas)} sigmas for the {num_keypoints} keypoints of {annotation_file}: give one per keypoint")
+    if sigmas is None and num_keypoints != len(COCO_KEYPOINT_SIGMAS):
+        raise ValueError(f"{annotation_file} has {num_keypoints} keypoints, not COCO's 17: pass the set's sigmas=")
+    with contextlib.redirect_stdout(io.StringIO()):
         evaluation = COCOeval(ground_truth, ground_truth.loadRes(str(results_file)), "keypoints")
+        if sigmas is not None:
+            evaluation.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
         evaluation.params.imgIds = sorted(image_ids) if image_ids is not None else ground_truth.getImgIds()
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
     return {name: float(value) for name, value in zip(COCO_KEYPOINT_STATS, evaluation.stats)}
+
+
+def _check_keypoint_results(ground_truth, results: list[dict], annotation_file) -> int:
+    """The keypoint count of the annotation file's keypoint categories; results of another count or category are
+    errors (COCOeval would fail on a broadcast, or silently score them 0)."""
+    counts = {category["id"]: len(category.get("keypoints", [])) for category in ground_truth.loadCats(ground_truth.getCatIds())}
+    counts = {category_id: count for category_id, count in counts.items() if count}
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"{annotation_file} must have keypoint categories of one keypoint count, got {counts or 'none'}")
+    (num_keypoints,) = set(counts.values())
+    for result in results:
+        if result.get("category_id") not in counts:
+            raise ValueError(
+                f"a result has category_id {result.get('category_id')}, not a keypoint category of {annotation_file} "
+                f"({sorted(counts)}): give coco_keypoint_results the set's category_id"
+            )
+        if len(result["keypoints"]) != 3 * num_keypoints:
+            raise ValueError(
+                f"a result has {len(result['keypoints']) // 3} keypoints, {annotation_file} has {num_keypoints}"
+            )
+    return num_keypoints
 
 
 def pck(predicted, target, visible, normalizer, threshold: float = 0.05) -> float:
@@ -54,26 +93,33 @@ def pck(predicted, target, visible, normalizer, threshold: float = 0.05) -> floa
     """
     predicted, target = np.asarray(predicted, dtype=np.float64), np.asarray(target, dtype=np.float64)
     labelled = np.asarray(visible) > 0
+    if predicted.shape != target.shape or predicted.ndim != 3 or labelled.shape != predicted.shape[:2]:
+        raise ValueError(f"pck needs predicted, target (N, K, 2) and visible (N, K), got {predicted.shape}, {target.shape}, {labelled.shape}")
+    if np.shape(normalizer) != predicted.shape[:1]:
+        raise ValueError(f"pck needs one normalizer per pose ({predicted.shape[0]}), got shape {np.shape(normalizer)}")
     if not labelled.any():
         raise ValueError("pck needs at least one labelled keypoint")
     distance = np.linalg.norm(predicted - target, axis=-1) / np.asarray(normalizer, dtype=np.float64)[:, None]
     return float((distance[labelled] <= threshold).mean())
 
 
-COCO_SIGMAS = np.array(
-    [0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89]
-) / 10.0
+COCO_SIGMAS = np.asarray(COCO_KEYPOINT_SIGMAS)
 
 
 def object_keypoint_similarity(keypoints, others, area: float, sigmas=COCO_SIGMAS) -> np.ndarray:
-    """OKS between one pose (K, 2) and others (M, K, 2) for an object of `area` (COCO's definition)."""
-    variances = (2 * np.asarray(sigmas)) ** 2
+    """OKS between one pose (K, 2) and others (M, K, 2) for an object of `area` (COCO's definition); `sigmas` (K,)
+    the set's (`config.keypoint_sigmas`)."""
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    if sigmas.shape != np.shape(keypoints)[-2:-1]:
+        raise ValueError(f"{len(sigmas)} OKS sigmas for poses of {np.shape(keypoints)[-2]} keypoints: give one per keypoint")
+    variances = (2 * sigmas) ** 2
     squared = ((np.asarray(others) - np.asarray(keypoints)) ** 2).sum(-1)
     return np.exp(-squared / variances / (2 * (area + np.spacing(1)))).mean(-1)
 
 
 def oks_nms(poses, scores, areas, threshold: float = 0.9, sigmas=COCO_SIGMAS) -> list[int]:
-    """Greedy non-maximum suppression by OKS (HRNet's detected-box protocol): indices of the poses kept."""
+    """Greedy non-maximum suppression by OKS (HRNet's detected-box protocol): indices of the poses kept. poses
+    (N, K, 2), scores (N,), areas (N,); `sigmas` (K,) the set's OKS sigmas."""
     order = list(np.argsort(scores)[::-1])
     keep = []
     while order:
@@ -85,10 +131,12 @@ def oks_nms(poses, scores, areas, threshold: float = 0.9, sigmas=COCO_SIGMAS) ->
     return keep
 
 
-def coco_keypoint_results(image_ids, keypoints, keypoint_scores, box_scores, visible_threshold: float = 0.2) -> list[dict]:
+def coco_keypoint_results(
+    image_ids, keypoints, keypoint_scores, box_scores, visible_threshold: float = 0.2, category_id: int = 1
+) -> list[dict]:
     """COCO results entries for predicted poses: keypoints (N, K, 2) in image pixels, keypoint_scores (N, K),
-    box_scores (N,). The pose score is the box score times the mean of the keypoint scores above
-    `visible_threshold` (HRNet's rescoring)."""
+    box_scores (N,), all of category `category_id` (COCO's person: 1). The pose score is the box score times the
+    mean of the keypoint scores above `visible_threshold` (HRNet's rescoring)."""
     keypoints, keypoint_scores = np.asarray(keypoints, dtype=np.float64), np.asarray(keypoint_scores, dtype=np.float64)
     results = []
     for image_id, points, scores, box_score in zip(image_ids, keypoints, keypoint_scores, box_scores):
@@ -96,9 +144,19 @@ def coco_keypoint_results(image_ids, keypoints, keypoint_scores, box_scores, vis
         quality = confident.mean() if confident.size else 0.0
         triplets = np.concatenate([points, scores[:, None]], axis=1).ravel()
         results.append(
-            {"image_id": int(image_id), "category_id": 1, "keypoints": triplets.round(3).tolist(), "score": float(box_score * quality)}
+            {"image_id": int(image_id), "category_id": int(category_id), "keypoints": triplets.round(3).tolist(), "score": float(box_score * quality)}
         )
     return results
+
+
+def oks_nms_per_image(image_ids, poses, scores, areas, threshold: float = 0.9, sigmas=COCO_SIGMAS) -> np.ndarray:
+    """`oks_nms` within each image: the sorted indices of the poses (N, K, 2) that survive among their own image's."""
+    image_ids, poses, scores, areas = (np.asarray(values) for values in (image_ids, poses, scores, areas))
+    kept = []
+    for image_id in np.unique(image_ids):
+        members = np.flatnonzero(image_ids == image_id)
+        kept.extend(members[oks_nms(poses[members], scores[members], areas[members], threshold, sigmas)])
+    return np.sort(np.asarray(kept, dtype=np.int64))
 
 
 # ---------------------------------------------------------------------------------------------- head pose

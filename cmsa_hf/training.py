@@ -1,9 +1,8 @@
-"""What every Accelerate training script of cmsa_hf shares: the common flags, crash-safe checkpoints with exact
-resume, the learning-rate schedule and the training loop. The task scripts in `examples/` add their data, loss
-and evaluation.
+"""The reusable training pieces behind `cmsa_hf.tasks.run`: the Accelerator and the training loader, crash-safe
+checkpoints with exact resume, the optimizer and learning-rate schedule, and the training loop. They read the common
+flags that `cmsa_hf.tasks.runner.add_common_arguments` defines.
 """
 
-import argparse
 import hashlib
 import json
 import math
@@ -21,105 +20,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .configuration_cmsa import CMSAConfig
-from .hub import write_hub_folder
-from .publish import publish
+from .modeling_cmsa import no_weight_decay_names
 
 
 logger = get_logger(__name__)
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, **defaults):
-    """Flags shared by the training scripts; `defaults` overrides the paper-recipe defaults per task."""
-    d = {
-        "learning_rate": 2.5e-3,
-        "min_learning_rate": 1e-5,
-        "weight_decay": 0.05,
-        "per_device_train_batch_size": 128,
-        "per_device_eval_batch_size": 256,
-        "num_train_epochs": 300,
-        "num_warmup_epochs": 5,
-        "drop_path_rate": 0.1,
-        **defaults,
-    }
-    group = parser.add_argument_group("training (shared by the cmsa_hf scripts)")
-    group.add_argument("--output_dir", type=str, required=True, help="Where the Hub-ready folder and checkpoints go.")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--per_device_train_batch_size", type=int, default=d["per_device_train_batch_size"])
-    group.add_argument("--per_device_eval_batch_size", type=int, default=d["per_device_eval_batch_size"])
-    group.add_argument("--learning_rate", type=float, default=d["learning_rate"], help="AdamW peak learning rate.")
-    group.add_argument("--min_learning_rate", type=float, default=d["min_learning_rate"], help="Cosine floor.")
-    group.add_argument("--weight_decay", type=float, default=d["weight_decay"])
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--num_train_epochs", type=int, default=d["num_train_epochs"])
-    group.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs when set.")
-    group.add_argument("--num_warmup_epochs", type=float, default=d["num_warmup_epochs"])
-    group.add_argument("--num_warmup_steps", type=int, default=None, help="Overrides --num_warmup_epochs when set.")
-    group.add_argument(
-        "--lr_scheduler_type", default="cosine_with_min_lr", choices=["cosine_with_min_lr", "cosine", "linear", "constant_with_warmup"]
-    )
-    group.add_argument("--max_grad_norm", type=float, default=None, help="Gradient clipping (off in the paper).")
-    group.add_argument("--drop_path_rate", type=float, default=d["drop_path_rate"])
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="Default: accelerate config.")
-    group.add_argument("--dataloader_num_workers", type=int, default=0)
-    group.add_argument(
-        "--channels_last", action="store_true", help="Run convolutions in NHWC memory format (faster on CPU)."
-    )
-    group.add_argument(
-        "--checkpointing_steps", type=str, default=None, help="Save a resumable state every N optimizer steps, or 'epoch'."
-    )
-    group.add_argument(
-        "--checkpoints_total_limit", type=int, default=2, help="Keep the newest N complete checkpoints (N >= 1)."
-    )
-    group.add_argument(
-        "--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder, or 'latest' in output_dir."
-    )
-    group.add_argument(
-        "--overwrite_output_dir", action="store_true",
-        help="Start a new run in an output_dir that holds another run's checkpoints (deletes them).",
-    )  # fmt: skip
-    group.add_argument("--with_tracking", action="store_true", help="Log metrics to the trackers of --report_to.")
-    group.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, ... or 'all'.")
-    group.add_argument("--reparameterize_on_save", action="store_true", help="Also write a folded inference copy.")
-    group.add_argument(
-        "--model_revision", type=str, default=None, help="Branch, tag or commit of --model_name_or_path on the Hub."
-    )
-    group.add_argument(
-        "--hub_dataset_id", type=str, default=None, help="The Hub data set the training data is (card `datasets:`)."
-    )
-    group.add_argument("--push_to_hub", action="store_true")
-    group.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: output_dir's name).")
-    group.add_argument("--hub_token", type=str, default=None)
-    group.add_argument("--hub_private_repo", action="store_true")
-
-
-def load_or_create_model(model_class, args, **config_overrides):
-    """`--model_name_or_path` (a folder or Hub id; its image size must equal `--image_size`) or, from scratch, the
-    `--variant` preset at `--image_size`. `config_overrides` (None values skipped) set task fields of either, such
-    as another head on a checkpoint of another task (its new weights are initialised)."""
-    extra = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
-    config_overrides = {key: value for key, value in config_overrides.items() if value is not None}
-    if args.model_name_or_path:
-        model = model_class.from_pretrained(
-            args.model_name_or_path, revision=args.model_revision, drop_path_rate=args.drop_path_rate,
-            **config_overrides, **extra,
-        )  # fmt: skip
-        if tuple(args.image_size) != tuple(model.config.image_size):
-            raise ValueError(
-                f"--image_size {tuple(args.image_size)} differs from the checkpoint's image_size "
-                f"{tuple(model.config.image_size)}; CMSA's attention windows are sized for one input resolution"
-            )
-        return model
-    config = CMSAConfig.from_variant(
-        args.variant, image_size=tuple(args.image_size), drop_path_rate=args.drop_path_rate, **config_overrides, **extra
-    )
-    return model_class(config)
-
-
-def memory_format(args) -> torch.memory_format:
-    return torch.channels_last if args.channels_last else torch.contiguous_format
 
 
 def make_accelerator(args) -> Accelerator:
@@ -155,52 +59,9 @@ def parse_checkpointing_steps(value: str | None) -> int | str | None:
     raise ValueError(f"--checkpointing_steps must be a positive integer or 'epoch', got {value!r}")
 
 
-def prepare_training(accelerator: Accelerator, args, model, train_dataloader, eval_dataloader, unit: str = "samples"):
-    """Check that training has a batch, build the optimizer and schedule, and hand everything to Accelerate.
-
-    Returns (model, optimizer, train_dataloader, eval_dataloader, scheduler, total_steps)."""
-    if len(train_dataloader) == 0:
-        raise ValueError(
-            f"The training set has {len(train_dataloader.dataset)} {unit}, fewer than one batch of "
-            f"--per_device_train_batch_size {args.per_device_train_batch_size}"
-        )
-    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    optimizer, scheduler, total_steps = make_optimizer_and_scheduler(model, args, steps_per_epoch)
-    prepared = accelerator.prepare(model, optimizer, train_dataloader, eval_dataloader, scheduler)
-    return (*prepared, total_steps)
-
-
-def training_summary(stats: dict, train_samples: int, eval_started: float) -> dict:
-    """The training figures every script adds to its evaluation results (all_results.json)."""
-    return {
-        "train_loss": round(stats["train_loss"], 6),
-        "train_runtime": round(stats["train_runtime"], 1),
-        "train_steps": stats["train_steps"],
-        "train_samples": train_samples,
-        "eval_runtime": round(time.perf_counter() - eval_started, 1),
-    }
-
-
-def recipe_hyperparameters(args, accelerator: Accelerator, total_steps: int) -> dict:
-    """The optimisation rows of a model card's hyperparameter table (the scripts add their task's rows)."""
-    return {
-        "optimizer": f"AdamW (betas {args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}",
-        "learning rate": f"{args.learning_rate}, {args.lr_scheduler_type}, floor {args.min_learning_rate}",
-        "warm-up": f"{args.num_warmup_steps} steps" if args.num_warmup_steps is not None else f"{args.num_warmup_epochs} epochs",
-        "batch size": f"{args.per_device_train_batch_size} x {accelerator.num_processes} processes x "
-        f"{args.gradient_accumulation_steps} accumulation",
-        "optimizer steps": total_steps,
-        "drop path": args.drop_path_rate,
-        "mixed precision": accelerator.mixed_precision,
-        "seed": args.seed,
-    }
-
-
 def make_optimizer_and_scheduler(model, args, steps_per_epoch: int):
-    """AdamW without weight decay on the parameters its modules exempt (`no_weight_decay_names`: biases, norms,
-    attention biases); warm-up then the chosen schedule."""
-    from .modeling_cmsa import no_weight_decay_names  # noqa: PLC0415
-
+    """AdamW (fused when the parameters are on a GPU) without weight decay on the parameters its modules exempt
+    (`no_weight_decay_names`: biases, norms, attention biases); warm-up then the chosen schedule."""
     exempt, decay, no_decay = no_weight_decay_names(model), [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -209,6 +70,7 @@ def make_optimizer_and_scheduler(model, args, steps_per_epoch: int):
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
+        fused=fused_adamw(model.parameters()),
     )
     total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     warmup = args.num_warmup_steps if args.num_warmup_steps is not None else round(args.num_warmup_epochs * steps_per_epoch)
@@ -218,6 +80,11 @@ def make_optimizer_and_scheduler(model, args, steps_per_epoch: int):
         scheduler_specific_kwargs=extra,
     )  # fmt: skip
     return optimizer, scheduler, total_steps
+
+
+def fused_adamw(parameters) -> bool | None:
+    """True (the fused CUDA kernel) when every parameter is on a GPU, else None (PyTorch's default choice)."""
+    return True if all(parameter.is_cuda for parameter in parameters) else None
 
 
 def prepare_output_dir(accelerator: Accelerator, args):
@@ -382,6 +249,14 @@ class CheckpointManager:
         return json.loads((path / self.STATE_FILE).read_text())
 
 
+def _past_budget(accelerator: Accelerator, budget_s: float | None, started: float) -> bool:
+    """Whether `budget_s` seconds have passed since `started` on any process (all processes stop at the same step)."""
+    if budget_s is None:
+        return False
+    past = torch.tensor(float(time.perf_counter() - started >= budget_s), device=accelerator.device)
+    return bool(accelerator.reduce(past, "sum").item())
+
+
 def train_loop(
     accelerator: Accelerator,
     args,
@@ -390,14 +265,17 @@ def train_loop(
     scheduler,
     train_dataloader,
     total_steps: int,
-    compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor],
+    compute_loss: Callable[[dict], torch.Tensor],
     on_epoch_start: Callable[[int], None] | None = None,
     on_epoch_end: Callable[[int], dict] | None = None,
 ) -> dict:
-    """Optimise until `total_steps` optimizer steps, checkpointing and resuming exactly.
+    """Optimise until `total_steps` optimizer steps, or the first step after `args.time_budget_s` seconds of this
+    run's training (a step checkpoint then saves the exact position when checkpointing is on), checkpointing and
+    resuming exactly.
 
-    `compute_loss(model, batch)` returns the loss of one batch; `on_epoch_start(epoch)` re-seeds per-epoch
-    augmentation; `on_epoch_end(epoch)` may evaluate and returns metrics to log. Returns training statistics.
+    `compute_loss(batch)` returns the loss of one batch (through `model` or a compiled form of it);
+    `on_epoch_start(epoch)` re-seeds per-epoch augmentation; `on_epoch_end(epoch)` may evaluate and returns metrics
+    to log. Returns training statistics.
     """
     checkpointing = parse_checkpointing_steps(args.checkpointing_steps)
     checkpoints = CheckpointManager(accelerator, args.output_dir, args.checkpoints_total_limit)
@@ -419,7 +297,7 @@ def train_loop(
         accelerator.init_trackers(Path(args.output_dir).name, config)
 
     progress = tqdm(total=total_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
-    started, last_epoch_loss = time.perf_counter(), float("nan")
+    started, last_epoch_loss, out_of_time = time.perf_counter(), float("nan"), False
     for epoch in range(start_epoch, num_epochs):
         model.train()
         if on_epoch_start is not None:
@@ -432,7 +310,7 @@ def train_loop(
         loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
         for batch_index, batch in enumerate(batches, start=skipped):
             with accelerator.accumulate(model):
-                loss = compute_loss(model, batch)
+                loss = compute_loss(batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -447,43 +325,23 @@ def train_loop(
             progress.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
             if args.with_tracking:
                 accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=completed_steps)
-            if isinstance(checkpointing, int) and completed_steps % checkpointing == 0:
+            out_of_time = completed_steps < total_steps and _past_budget(accelerator, args.time_budget_s, started)
+            if (isinstance(checkpointing, int) and completed_steps % checkpointing == 0) or (out_of_time and checkpointing):
                 state = {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batch_index + 1}
                 checkpoints.save(f"step_{completed_steps}", state)
-            if completed_steps >= total_steps:
+            if completed_steps >= total_steps or out_of_time:
                 break
         last_epoch_loss = accelerator.reduce(loss_sum, "mean").item() / max(loss_count, 1)
         metrics = on_epoch_end(epoch) if on_epoch_end is not None else {}
         accelerator.print(f"epoch {epoch}: train loss {last_epoch_loss:.4f} {metrics}")
         if args.with_tracking:
             accelerator.log({"train/epoch_loss": last_epoch_loss, **metrics, "epoch": epoch}, step=completed_steps)
-        if checkpointing == "epoch":
+        if checkpointing == "epoch" and not out_of_time:
             checkpoints.save(f"epoch_{epoch}", {"completed_steps": completed_steps, "epoch": epoch + 1, "batches_in_epoch": 0})
-        if completed_steps >= total_steps:
+        if completed_steps >= total_steps or out_of_time:
             break
     progress.close()
-    return {"train_loss": last_epoch_loss, "train_runtime": time.perf_counter() - started, "train_steps": completed_steps}
-
-
-def finish_run(accelerator: Accelerator, args, model, processor, results: dict, make_card: Callable, **card_fields):
-    """Print and log the final `results`, then on the main process write the Hub-ready folder, its card made by
-    `make_card` (a `cmsa_hf.hub` card function) from `card_fields`, and with `--push_to_hub` upload it. Every process
-    waits for the end."""
-    accelerator.print(f"evaluation: {results}")
-    if args.with_tracking:
-        accelerator.log({f"final/{k}": v for k, v in results.items()}, step=results["train_steps"])
-        accelerator.end_training()
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(model).eval().to(memory_format=torch.contiguous_format)
-        repo_id = args.hub_model_id or Path(args.output_dir).name
-        card_fields.setdefault("hub_dataset_id", args.hub_dataset_id)
-        card = make_card(
-            model, results, repo_id=repo_id, base_model=args.model_name_or_path,
-            has_reparameterized=args.reparameterize_on_save, **card_fields,
-        )  # fmt: skip
-        write_hub_folder(args.output_dir, model, processor, results, card, reparameterize=args.reparameterize_on_save)
-        accelerator.print(f"Hub-ready folder: {args.output_dir}")
-        if args.push_to_hub:
-            summary = publish(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
-            accelerator.print(f"Uploaded to {summary['url']}")
-    accelerator.wait_for_everyone()
+    return {
+        "train_loss": last_epoch_loss, "train_runtime": time.perf_counter() - started, "train_steps": completed_steps,
+        "stopped_by_time_budget": out_of_time,
+    }  # fmt: skip

@@ -10,7 +10,7 @@ from cmsa_hf import CMSAImageProcessor
 from cmsa_hf.codecs import HeatmapCodec, flip_heatmaps_back, gaussian_sigma_for
 from cmsa_hf.configuration_cmsa import COCO_FLIP_PAIRS
 from cmsa_hf.data.coco import load_coco_keypoints
-from cmsa_hf.data.transforms import swap_pairs
+from cmsa_hf.geometry import swap_pairs
 from cmsa_hf.metrics import coco_keypoint_ap, coco_keypoint_results
 
 

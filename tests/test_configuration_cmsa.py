@@ -1,7 +1,9 @@
 import pytest
 
 from cmsa_hf import VARIANTS, CMSAConfig
-from cmsa_hf.configuration_cmsa import HEAD_FIELDS, TASK_HEADS
+from cmsa_hf.configuration_cmsa import (
+    COCO_FLIP_PAIRS, COCO_KEYPOINT_SIGMAS, DEFAULT_KEYPOINT_SIGMA, HEAD_FIELDS, TASK_HEADS, flip_pairs_from_names,
+)  # fmt: skip
 
 
 def test_defaults_are_cmsa_s_at_32x24():
@@ -138,3 +140,48 @@ def test_head_fields_are_checked_against_the_one_registry():
         choices = ", ".join(repr(name) for name in TASK_HEADS[task])
         with pytest.raises(ValueError, match=f"{field} must be one of the {task} heads {choices}, got 'fsa-capsule'"):
             CMSAConfig(**{field: "fsa-capsule"})
+
+
+# ---------------------------------------------------------------------------------------------- keypoint metadata
+
+HAND_NAMES = ["wrist"] + [f"{finger}_{joint}" for finger in ("thumb", "index", "middle", "ring", "pinky") for joint in range(1, 5)]
+
+
+def test_coco_keypoint_metadata_by_default():
+    config = CMSAConfig()
+    assert config.num_keypoints == 17 and config.keypoint_sigmas == list(COCO_KEYPOINT_SIGMAS)
+    assert config.flip_pairs == [list(pair) for pair in COCO_FLIP_PAIRS] and config.upper_body_keypoints == list(range(11))
+    # A config saved before the sigmas and the upper body were fields gets COCO's
+    saved = {key: value for key, value in config.to_dict().items() if key not in ("keypoint_sigmas", "upper_body_keypoints")}
+    assert CMSAConfig.from_dict(saved).keypoint_sigmas == config.keypoint_sigmas
+
+
+def test_another_set_reads_its_flip_pairs_from_the_names_and_warns_about_sigmas():
+    names = ["head", "left_hand", "right_hand", "Foot Left", "Foot Right", "left_only"]
+    with pytest.warns(UserWarning, match=f"No keypoint_sigmas given for the 6 keypoints.*{DEFAULT_KEYPOINT_SIGMA}"):
+        config = CMSAConfig(keypoint_names=names)
+    assert config.flip_pairs == [[1, 2], [3, 4]] and config.skeleton == [] and config.upper_body_keypoints == []
+    assert config.keypoint_sigmas == [DEFAULT_KEYPOINT_SIGMA] * 6
+    assert flip_pairs_from_names(HAND_NAMES) == []
+    hand = CMSAConfig(keypoint_names=HAND_NAMES, keypoint_sigmas=[0.02] * 21)
+    assert hand.num_keypoints == 21 and CMSAConfig.from_dict(hand.to_dict()).keypoint_sigmas == [0.02] * 21
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"keypoint_sigmas": [0.05] * 16}, "keypoint_sigmas has 16 entries for 17 keypoint_names"),
+        ({"keypoint_sigmas": [0.05] * 16 + [0.0]}, "keypoint_sigmas must be positive"),
+        ({"flip_pairs": [[1, 2], [2, 3]]}, r"flip_pairs must be disjoint .*\[2\] appear twice"),
+        ({"flip_pairs": [[4, 4]]}, r"disjoint pairs of two different keypoints; \[4\]"),
+        ({"flip_pairs": [[1, 17]]}, r"flip_pairs entry \[1, 17\] must be two keypoint indices in \[0, 17\)"),
+        ({"skeleton": [[0, 1, 2]]}, r"skeleton entry \[0, 1, 2\]"),
+        ({"upper_body_keypoints": [0, 17]}, r"upper_body_keypoints must be distinct keypoint indices in \[0, 17\)"),
+        ({"upper_body_keypoints": [3, 3]}, "upper_body_keypoints must be distinct"),
+        ({"keypoint_names": ["a", "a"], "keypoint_sigmas": [0.1, 0.1]}, "each once"),
+        ({"keypoint_names": ["a", "b"], "keypoint_sigmas": [0.1, 0.1], "skeleton": [[0, 2]]}, r"in \[0, 2\)"),
+    ],
+)
+def test_keypoint_metadata_is_validated(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        CMSAConfig(**overrides)

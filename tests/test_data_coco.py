@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import SHARED_DATA, make_coco_keypoints
 
-from cmsa_hf import CMSAImageProcessor
-from cmsa_hf.configuration_cmsa import COCO_FLIP_PAIRS
-from cmsa_hf.data.coco import load_coco_keypoints
-from cmsa_hf.data.transforms import TopDownTransform, swap_pairs
-from cmsa_hf.image_processing_cmsa import transform_points
+from cmsa_hf import CMSAConfig, CMSAImageProcessor
+from cmsa_hf.configuration_cmsa import COCO_FLIP_PAIRS, COCO_KEYPOINT_NAMES, COCO_SKELETON
+from cmsa_hf.data.coco import keypoint_metadata, load_coco_keypoints
+from cmsa_hf.data.transforms import TopDownTransform
+from cmsa_hf.geometry import swap_pairs, transform_points
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,9 @@ def _rewrite(annotation_file, tmp_path, change) -> str:
     "change, error, message",
     [
         (lambda c: c.pop("annotations"), ValueError, "no 'annotations' field"),
-        (lambda c: c["categories"][0].pop("keypoints"), ValueError, "lists no keypoints"),
+        (lambda c: c["categories"][0].pop("keypoints"), ValueError, "no category lists keypoints"),
         (lambda c: c["annotations"][0].pop("keypoints"), ValueError, "annotation 10 has no 'keypoints' field"),
-        (lambda c: c.update(categories=[{"id": 3, "name": "car"}]), ValueError, "no person category"),
+        (lambda c: c.update(categories=[{"id": 3, "name": "car"}]), ValueError, r"no category lists keypoints .*\['car'\]"),
         (lambda c: c["annotations"][0].update(keypoints=[1, 2, 2] * 5), ValueError, "has 5 keypoints, expected 17"),
         (lambda c: c["images"][0].update(file_name="gone.png"), FileNotFoundError, "missing from"),
         (lambda c: c.update(annotations=c["annotations"][1:4]), ValueError, "No person instance left"),
@@ -173,3 +173,51 @@ def test_a_truncated_image_is_reported_with_its_row_and_file_at_decode(coco, tmp
     persons = load_coco_keypoints(annotation_file, images).add_column("sample_index", list(range(4)))
     with pytest.raises(ValueError, match=r"Row 1 \(.*000000000002.png\): the image cannot be decoded"):
         _transform(train=False)(persons[:2])
+
+
+def test_keypoint_metadata_of_a_coco_file_is_cocos(coco):
+    annotation_file, _ = coco
+    metadata = keypoint_metadata(annotation_file)
+    config = CMSAConfig(**metadata)
+    assert config.keypoint_names == list(COCO_KEYPOINT_NAMES) and config.skeleton == [list(edge) for edge in COCO_SKELETON]
+    assert config.flip_pairs == [list(pair) for pair in COCO_FLIP_PAIRS] and config.keypoint_sigmas == CMSAConfig().keypoint_sigmas
+
+
+def _three_point_set(path, category_id=4, skeleton=((1, 2), (1, 3))):
+    """A COCO-format file of another set (category 4, three keypoints, one image)."""
+    category = {"id": category_id, "name": "bird", "keypoints": ["beak", "left_wing", "right_wing"], "skeleton": skeleton}
+    annotation = {"id": 1, "image_id": 1, "category_id": category_id, "bbox": [2, 2, 20, 20], "area": 400.0, "iscrowd": 0,
+                  "keypoints": [5, 5, 2, 10, 10, 2, 15, 10, 1], "num_keypoints": 3}  # fmt: skip
+    image = {"id": 1, "file_name": "bird.png", "width": 32, "height": 32}
+    path.write_text(json.dumps({"images": [image], "annotations": [annotation], "categories": [{"id": 1, "name": "x"}, category]}))
+    return path
+
+
+def test_another_keypoint_set_loads_with_its_metadata(tmp_path):
+    from PIL import Image  # noqa: PLC0415
+
+    annotation_file = _three_point_set(tmp_path / "birds.json")
+    Image.new("RGB", (32, 32)).save(tmp_path / "bird.png")
+    rows = load_coco_keypoints(annotation_file, tmp_path)
+    assert len(rows) == 1 and np.asarray(rows[0]["keypoints"]).shape == (3, 2) and rows[0]["visibility"] == [2, 2, 1]
+    metadata = keypoint_metadata(annotation_file)
+    assert metadata == {"keypoint_names": ["beak", "left_wing", "right_wing"], "skeleton": [[0, 1], [0, 2]], "flip_pairs": [[1, 2]]}
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({"keypoint_sigmas": [0.02, 0.05, 0.05], "upper_body_keypoints": [0]}))
+    config = CMSAConfig(**keypoint_metadata(annotation_file, extra))
+    assert config.keypoint_sigmas == [0.02, 0.05, 0.05] and config.upper_body_keypoints == [0]
+    extra.write_text(json.dumps({"sigmas": [0.02, 0.05, 0.05]}))
+    with pytest.raises(ValueError, match=r"extra.json must hold a JSON object of the fields .*got \['sigmas'\]"):
+        keypoint_metadata(annotation_file, extra)
+    with pytest.raises(ValueError, match=r"skeleton must hold pairs of 1-based keypoint indices in \[1, 3\]"):
+        keypoint_metadata(_three_point_set(tmp_path / "zero_based.json", skeleton=[[0, 1]]))
+
+
+def test_without_an_upper_body_set_there_are_no_half_body_crops(persons):
+    """half body probability 1: COCO's upper body crops tighter than the box; an empty set keeps the box crop."""
+    half, none = (_transform(train=True, half_body_probability=1.0, scale_factor=0.0, rotation_probability=0.0,
+                             flip_probability=0.0, upper_body=upper) for upper in (range(11), []))  # fmt: skip
+    box_crop, _ = _transform(train=False).crop_geometry(persons[0], rng=None)
+    rng = np.random.default_rng(0)
+    assert np.allclose(none.crop_geometry(persons[0], rng)[0], box_crop)
+    assert not np.allclose(half.crop_geometry(persons[0], np.random.default_rng(0))[0], box_crop)

@@ -6,6 +6,7 @@ import torch
 from conftest import make_coco_keypoints
 
 from cmsa_hf.metrics import (
+    COCO_SIGMAS,
     coco_keypoint_ap,
     coco_keypoint_results,
     head_pose_mae,
@@ -13,6 +14,7 @@ from cmsa_hf.metrics import (
     mirror_sign_agreement,
     object_keypoint_similarity,
     oks_nms,
+    oks_nms_per_image,
     pck,
     top_k_accuracy,
 )
@@ -26,6 +28,10 @@ def test_top_k_accuracy():
     assert top_k_accuracy(logits, labels, 5) == 1.0  # k larger than the class count: every label is in
     with pytest.raises(ValueError):
         top_k_accuracy(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        top_k_accuracy(logits, torch.tensor([1, 3, 0]))  # would count as a miss, not as an error, unchecked
+    with pytest.raises(ValueError, match=r"logits \(N, classes\) and labels \(N,\)"):
+        top_k_accuracy(logits, labels[:2])
 
 
 # ---------------------------------------------------------------------------------------------- human pose
@@ -39,6 +45,12 @@ def test_pck_counts_labelled_keypoints_within_the_threshold():
     assert pck(predicted, target, visible, np.array([100.0, 100.0])) == 0.75
     with pytest.raises(ValueError, match="at least one labelled keypoint"):
         pck(predicted, target, np.zeros((2, 3)), np.ones(2))
+    with pytest.raises(ValueError, match=r"target \(N, K, 2\)"):
+        pck(predicted, target[:, :2], visible, np.ones(2))
+    with pytest.raises(ValueError, match=r"visible \(N, K\)"):
+        pck(predicted, target, visible[:, :2], np.ones(2))
+    with pytest.raises(ValueError, match="one normalizer per pose"):
+        pck(predicted, target, visible, np.ones(3))
 
 
 def _ground_truth_results(annotation_file, shift=0.0):
@@ -60,6 +72,22 @@ def test_coco_keypoint_ap_through_pycocotools(tmp_path):
         coco_keypoint_ap(annotation_file, [], tmp_path / "empty.json")
 
 
+def test_coco_keypoint_ap_uses_the_given_sigmas_and_refuses_mismatches(tmp_path):
+    annotation_file = make_coco_keypoints(tmp_path / "coco")
+    shifted = _ground_truth_results(annotation_file, shift=3.0)
+    default = coco_keypoint_ap(annotation_file, shifted, tmp_path / "r.json")
+    assert coco_keypoint_ap(annotation_file, shifted, tmp_path / "r.json", sigmas=COCO_SIGMAS) == default
+    assert coco_keypoint_ap(annotation_file, shifted, tmp_path / "r.json", sigmas=3 * COCO_SIGMAS)["AP"] > default["AP"]
+    with pytest.raises(ValueError, match="14 sigmas for the 17 keypoints"):
+        coco_keypoint_ap(annotation_file, shifted, tmp_path / "r.json", sigmas=COCO_SIGMAS[:14])
+    other_category = [{**result, "category_id": 3} for result in shifted]
+    with pytest.raises(ValueError, match=r"category_id 3, not a keypoint category .*\[1\]"):
+        coco_keypoint_ap(annotation_file, other_category, tmp_path / "r.json")
+    fewer = [{**result, "keypoints": result["keypoints"][:42]} for result in shifted]
+    with pytest.raises(ValueError, match="a result has 14 keypoints, .* has 17"):
+        coco_keypoint_ap(annotation_file, fewer, tmp_path / "r.json")
+
+
 def test_pose_score_is_box_score_times_confident_keypoints():
     scores = np.array([[0.9, 0.5, 0.1]])
     (result,) = coco_keypoint_results([7], np.zeros((1, 3, 2)), scores, [0.5], visible_threshold=0.2)
@@ -73,6 +101,32 @@ def test_oks_nms_drops_duplicates_only():
     keep = oks_nms(poses, np.array([0.8, 0.9, 0.7]), np.array([5000.0, 5000.0, 5000.0]))
     assert keep == [1, 2]  # the best of the two near-identical poses, and the distinct one
     assert object_keypoint_similarity(pose, pose[None], 5000.0)[0] == pytest.approx(1.0)
+
+
+def test_oks_nms_per_image_suppresses_within_each_image_only():
+    pose = np.random.default_rng(0).uniform(0, 50, (17, 2))
+    poses = np.stack([pose, pose + 0.2, pose, pose + 30])
+    keep = oks_nms_per_image([1, 1, 2, 2], poses, [0.5, 0.9, 0.8, 0.7], np.full(4, 2000.0))
+    assert keep.tolist() == [1, 2, 3]  # the duplicate in image 1 goes; image 2's distinct poses both stay
+
+
+def test_oks_follows_the_sets_sigmas():
+    pose = np.random.default_rng(0).uniform(0, 100, (5, 2))
+    near = pose + 2.0
+    strict, loose = (object_keypoint_similarity(pose, near[None], 2000.0, [s] * 5)[0] for s in (0.03, 0.1))
+    assert strict < loose < 1.0
+    poses, scores, areas = np.stack([pose, near]), np.array([0.9, 0.8]), np.full(2, 2000.0)
+    assert oks_nms(poses, scores, areas, threshold=0.9, sigmas=[0.03] * 5) == [0, 1]  # distinct under tight sigmas
+    assert oks_nms(poses, scores, areas, threshold=0.9, sigmas=[0.5] * 5) == [0]  # duplicates under loose ones
+    with pytest.raises(ValueError, match="17 OKS sigmas for poses of 5 keypoints"):
+        oks_nms(poses, scores, areas)  # COCO's sigmas do not fit a 5-keypoint set
+
+
+def test_pck_checks_its_shapes():
+    with pytest.raises(ValueError, match=r"\(N, K, 2\) and visible \(N, K\)"):
+        pck(np.zeros((2, 5, 2)), np.zeros((2, 4, 2)), np.ones((2, 5)), np.ones(2))
+    with pytest.raises(ValueError, match="one normalizer per pose"):
+        pck(np.zeros((2, 5, 2)), np.zeros((2, 5, 2)), np.ones((2, 5)), np.ones(3))
 
 
 def test_head_pose_mae_and_report():

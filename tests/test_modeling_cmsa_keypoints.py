@@ -52,10 +52,10 @@ def test_config_describes_the_keypoints(tmp_path):
     config = tiny_config()
     assert config.keypoint_names == list(COCO_KEYPOINT_NAMES) and config.num_keypoints == 17
     assert config.flip_pairs == [list(pair) for pair in COCO_FLIP_PAIRS] and len(config.skeleton) == 19
-    model = CMSAForKeypointDetection(tiny_config(keypoint_names=["a", "b", "c"], flip_pairs=[[0, 2]], skeleton=[[0, 1]]))
-    model.save_pretrained(tmp_path)
+    keypoints = {"keypoint_names": ["a", "b", "c"], "flip_pairs": [[0, 2]], "skeleton": [[0, 1]], "keypoint_sigmas": [0.03, 0.05, 0.07]}
+    CMSAForKeypointDetection(tiny_config(**keypoints)).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["keypoint_names"] == ["a", "b", "c"] and saved["flip_pairs"] == [[0, 2]]
+    assert {key: saved[key] for key in keypoints} == keypoints and saved["upper_body_keypoints"] == []
     loaded = AutoModelForKeypointDetection.from_pretrained(tmp_path)
     assert isinstance(loaded, CMSAForKeypointDetection) and loaded.config.num_keypoints == 3
     assert loaded(torch.randn(1, 3, 16, 16)).heatmaps.shape == (1, 3, 16, 16)

@@ -64,6 +64,8 @@ def test_wheel_holds_the_package_data(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for template in ("image_classification.md", "keypoint_detection.md", "head_pose.md"):
         assert f"cmsa_hf/model_cards/{template}" in names
+    for metric in ("cmsa_accuracy", "cmsa_coco_keypoints", "cmsa_pck", "cmsa_head_pose_mae"):
+        assert f"cmsa_hf/evaluation/{metric}/{metric}.py" in names
     assert not any(name.startswith(("tests/", "examples/", "model_cards/")) for name in names)
 
 
@@ -72,6 +74,13 @@ def test_installed_package_is_the_wheel(installed_python, tmp_path):
     assert Path(location.strip()).resolve().is_relative_to(installed_python.parent.parent.resolve())
     console_script = installed_python.parent / "cmsa-hf"
     assert "publish" in run([str(console_script), "--help"], cwd=tmp_path).stdout
+    # The shipped evaluate modules load from the installed package, offline.
+    metric = (
+        "from cmsa_hf import evaluation; mae = evaluation.load('cmsa_head_pose_mae', keep_in_memory=True); "
+        "print(evaluation.metric_path('cmsa_head_pose_mae')); print(mae.compute(predictions=[[3, 2, 1]], references=[[0, 0, 0]]))"
+    )
+    path, result = run([str(installed_python), "-c", metric], cwd=tmp_path).stdout.strip().splitlines()[-2:]
+    assert Path(path).is_relative_to(installed_python.parent.parent.resolve()) and "'mean': 2.0" in result
 
 
 def tiny_model(model_class, folder: Path) -> Path:

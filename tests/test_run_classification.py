@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cmsa_hf import CMSAForImageClassification
+from cmsa_hf.tasks import ImageClassificationTask, parse_args
 
 
 SCRIPT = REPO_ROOT / "examples" / "image-classification" / "run_classification.py"
@@ -205,10 +206,15 @@ def test_push_to_hub_uploads_the_folder(data, tiny_model, tmp_path):
     assert "checkpoints/**" in uploaded["ignore_patterns"]
 
 
+def load_and_prepare(argv):
+    """The validated splits and label names that the classification task trains on."""
+    task = ImageClassificationTask()
+    splits = task.load_data(parse_args(task, argv))
+    return splits, task.label_names
+
+
 def test_digits_loads_offline():
-    splits, _ = run_classification.load_and_prepare(
-        run_classification.parse_args(["--dataset_name", "digits", "--output_dir", "x"])
-    )
+    splits, _ = load_and_prepare(["--dataset_name", "digits", "--output_dir", "x"])
     assert len(splits["train"]) + len(splits["validation"]) == 1797
     assert splits["train"].features["label"].names[:3] == ["0", "1", "2"]
 
@@ -217,8 +223,7 @@ def test_zip_archives_load(data, tmp_path):
     import shutil
 
     archive = shutil.make_archive(str(tmp_path / "train"), "zip", data / "train")
-    args = run_classification.parse_args(["--train_dir", archive, "--output_dir", str(tmp_path / "out")])
-    splits, names = run_classification.load_and_prepare(args)
+    splits, names = load_and_prepare(["--train_dir", archive, "--output_dir", str(tmp_path / "out")])
     assert names == ["bright", "dark"]
     assert len(splits["train"]) + len(splits["validation"]) == 16  # validation carved from train
 
@@ -227,10 +232,9 @@ def test_zip_archives_load(data, tmp_path):
 
 
 def _prepare(data_root, *extra):
-    args = run_classification.parse_args(
+    return load_and_prepare(
         ["--train_dir", str(data_root / "train"), "--validation_dir", str(data_root / "validation"), "--output_dir", "x", *extra]
     )
-    return run_classification.load_and_prepare(args)
 
 
 def test_corrupt_image_names_its_row(data, tmp_path):

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from cmsa_hf import CMSAForHeadPoseEstimation, CMSAImageProcessor
 from cmsa_hf.data.head_pose import load_aflw2000
 from cmsa_hf.data.transforms import HeadPoseTransform
+from cmsa_hf.tasks import HeadPoseTask, parse_args
+from cmsa_hf.tasks.head_pose import fit_splits, read_splits
 
 
 SCRIPT = REPO_ROOT / "examples" / "head-pose" / "run_head_pose.py"
@@ -98,7 +100,7 @@ def test_a_new_model_takes_the_chosen_head(faces, tmp_path):
 
 def test_validation_is_required(faces, tmp_path):
     with pytest.raises(SystemExit):
-        run_head_pose.parse_args(["--train_data", str(faces), "--output_dir", str(tmp_path)])
+        parse_args(HeadPoseTask(), ["--train_data", str(faces), "--output_dir", str(tmp_path)])
 
 
 # ------------------------------------------------------------------------------------ transform
@@ -124,11 +126,12 @@ def test_training_faces_beyond_the_bins_are_dropped(tmp_path, capsys):
     mat = scipy.io.loadmat(faces / "image00002.mat")
     mat["Pose_Para"][0, 1] = np.radians(120.0)  # yaw
     scipy.io.savemat(faces / "image00002.mat", {"Pose_Para": mat["Pose_Para"], "pt2d": mat["pt2d"]})
-    args = run_head_pose.parse_args(
+    args = parse_args(
+        HeadPoseTask(),
         ["--train_data", str(faces), "--train_format", "300w_lp", "--validation_data", str(faces),
-         "--validation_format", "aflw2000", "--output_dir", str(tmp_path)]  # fmt: skip
+         "--validation_format", "aflw2000", "--output_dir", str(tmp_path)],  # fmt: skip
     )
-    splits = run_head_pose.load_splits(args, max_angle=99.0)
+    splits = fit_splits(read_splits(args), args, max_angle=99.0)
     kept = np.asarray(splits["train"]["angles"])
     assert len(kept) == 5 and np.abs(kept).max() <= 99.0 and "image00002" not in splits["train"]["name"]
     assert splits["train"]["sample_index"] == list(range(5))

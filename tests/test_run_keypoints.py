@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT, launch_two_processes, make_coco_keypoints, tiny_config
@@ -104,14 +103,6 @@ def test_detected_boxes_are_evaluated_with_oks_nms(coco, tiny_pose_model, tmp_pa
     )
     assert results["eval_samples"] == 10 and "eval_pck" not in results and "eval_AP" in results
     assert 5 <= len(json.loads((tmp_path / "eval_keypoint_results.json").read_text())) <= 10
-
-
-def test_oks_nms_runs_within_each_image():
-    pose = np.random.default_rng(0).uniform(0, 50, (17, 2))
-    poses = np.stack([pose, pose + 0.2, pose, pose + 30])
-    image_ids = np.array([1, 1, 2, 2])
-    keep = run_keypoints.nms_per_image(image_ids, poses, np.array([0.5, 0.9, 0.8, 0.7]), np.full(4, 2000.0))
-    assert keep.tolist() == [1, 2, 3]  # the duplicate in image 1 goes; image 2's distinct poses both stay
 
 
 def test_two_processes_count_every_eval_sample_once(coco, tiny_pose_model, tmp_path):

@@ -1,4 +1,5 @@
-"""COCO person keypoints as a `datasets.Dataset` with one row per person instance (the top-down protocol)."""
+"""COCO-format keypoints (COCO's 17 person keypoints or any other set) as a `datasets.Dataset` with one row per
+instance (the top-down protocol), and the keypoint metadata (config fields) that a file's category record holds."""
 
 import json
 from pathlib import Path
@@ -7,8 +8,11 @@ import datasets
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..configuration_cmsa import flip_pairs_from_names
+
 
 COCO_PERSON_CATEGORY = 1
+KEYPOINT_METADATA_FIELDS = ("keypoint_names", "flip_pairs", "skeleton", "keypoint_sigmas", "upper_body_keypoints")
 
 FEATURES = datasets.Features(
     {
@@ -51,25 +55,28 @@ def load_coco_keypoints(
     min_box_size: float = 1.0,
     min_detection_score: float = 0.0,
 ) -> datasets.Dataset:
-    """One row per person of a COCO keypoints json, with its image from `image_dir`.
+    """One row per instance of a COCO keypoints json, with its image from `image_dir`.
 
-    Ground-truth boxes (default) follow the HRNet filtering: person category only, no crowd annotations, at least
-    one labelled keypoint, boxes clipped to the image and at least `min_box_size` pixels wide and high. With
-    `detections_file` (a COCO results json of person boxes, the detected-box protocol) the rows are the detections
-    above `min_detection_score`, with unlabelled keypoints; evaluation then compares against `annotation_file`.
+    The instances are those of the file's keypoint category (the category record that lists `keypoints`: COCO's
+    person, or any other set's). Ground-truth boxes (default) follow the HRNet filtering: that category only, no
+    crowd annotations, at least one labelled keypoint, boxes clipped to the image and at least `min_box_size` pixels
+    wide and high. With `detections_file` (a COCO results json of boxes, the detected-box protocol) the rows are the
+    detections above `min_detection_score`, with unlabelled keypoints; evaluation then compares against
+    `annotation_file`.
     """
     coco = _read_json(annotation_file, "COCO annotation file")
     for key in ("images", "annotations"):
         if key not in coco:
             raise ValueError(f"{annotation_file} is not a COCO annotation file: it has no {key!r} field")
     images = {image["id"]: image for image in coco["images"]}
-    num_keypoints = _num_keypoints(coco, annotation_file)
+    category = keypoint_category(coco, annotation_file)
+    category_id, num_keypoints = category["id"], len(category["keypoints"])
     image_dir = Path(image_dir)
 
     rows = []
     if detections_file is None:
         for annotation in coco["annotations"]:
-            if annotation.get("category_id") != COCO_PERSON_CATEGORY or annotation.get("iscrowd", 0):
+            if annotation.get("category_id") != category_id or annotation.get("iscrowd", 0):
                 continue
             if "keypoints" not in annotation:
                 raise ValueError(f"{annotation_file}: annotation {annotation.get('id')} has no 'keypoints' field")
@@ -87,7 +94,7 @@ def load_coco_keypoints(
             rows.append(_row(image, image_dir, annotation["id"], box, values, annotation.get("area", 0.0), 1.0))
     else:
         for detection in _read_json(detections_file, "detections file"):
-            if detection.get("category_id", COCO_PERSON_CATEGORY) != COCO_PERSON_CATEGORY:
+            if detection.get("category_id", category_id) != category_id:
                 continue
             if detection["score"] < min_detection_score or detection["image_id"] not in images:
                 continue
@@ -98,7 +105,7 @@ def load_coco_keypoints(
             empty = np.zeros((num_keypoints, 3), dtype=np.float32)
             rows.append(_row(image, image_dir, -1, box, empty, box[2] * box[3], detection["score"]))
     if not rows:
-        raise ValueError(f"No person instance left in {detections_file or annotation_file} after filtering")
+        raise ValueError(f"No {category.get('name', 'keypoint')} instance left in {detections_file or annotation_file} after filtering")
     missing = sorted({row["image"]["path"] for row in rows if not Path(row["image"]["path"]).is_file()})
     if missing:
         raise FileNotFoundError(f"{len(missing)} images of {annotation_file} are missing from {image_dir}, e.g. {missing[0]}")
@@ -123,13 +130,46 @@ def _check_image_headers(rows: list[dict]):
         checked.add(path)
 
 
-def _num_keypoints(coco: dict, annotation_file) -> int:
-    for category in coco.get("categories", []):
-        if category.get("id") == COCO_PERSON_CATEGORY:
-            if "keypoints" not in category:
-                raise ValueError(f"{annotation_file}: the person category lists no keypoints (not a keypoints file)")
-            return len(category["keypoints"])
-    raise ValueError(f"{annotation_file} has no person category (id {COCO_PERSON_CATEGORY})")
+def keypoint_category(coco: dict, annotation_file) -> dict:
+    """The category record of a COCO keypoints file that lists `keypoints` (its names): the only one, or COCO's
+    person (id 1) among several."""
+    found = [category.get("name", category.get("id")) for category in coco.get("categories", [])]
+    categories = [category for category in coco.get("categories", []) if category.get("keypoints")]
+    if not categories:
+        raise ValueError(f"{annotation_file}: no category lists keypoints (not a keypoints file); categories: {found}")
+    if len(categories) > 1:
+        categories = [category for category in categories if category.get("id") == COCO_PERSON_CATEGORY]
+    if len(categories) != 1:
+        raise ValueError(f"{annotation_file}: several categories list keypoints and none is id {COCO_PERSON_CATEGORY}: {found}")
+    return categories[0]
+
+
+def keypoint_metadata(annotation_file=None, metadata_file=None) -> dict:
+    """`CMSAConfig` keypoint fields: those of a COCO keypoints file (`keypoint_names` and `skeleton` from its keypoint
+    category, COCO's 1-based skeleton made 0-based, and `flip_pairs` read from "left" / "right" in the names,
+    `flip_pairs_from_names`), with the fields of `metadata_file` (a JSON object, e.g. `keypoint_sigmas`, `flip_pairs`,
+    `upper_body_keypoints`) on top; either may be None. The fields left out take the config's defaults: COCO's for
+    COCO's names; else no half-body set and `DEFAULT_KEYPOINT_SIGMA` for every keypoint, with a warning.
+    """
+    metadata = {}
+    if annotation_file is not None:
+        category = keypoint_category(_read_json(annotation_file, "COCO annotation file"), annotation_file)
+        names = [str(name) for name in category["keypoints"]]
+        skeleton = category.get("skeleton") or []
+        if any(len(edge) != 2 or not all(1 <= int(i) <= len(names) for i in edge) for edge in skeleton):
+            raise ValueError(f"{annotation_file}: the skeleton must hold pairs of 1-based keypoint indices in [1, {len(names)}]")
+        metadata = {
+            "keypoint_names": names,
+            "skeleton": [[int(a) - 1, int(b) - 1] for a, b in skeleton],
+            "flip_pairs": flip_pairs_from_names(names),
+        }
+    if metadata_file is None:
+        return metadata
+    given = _read_json(metadata_file, "keypoint metadata file")
+    if not isinstance(given, dict) or set(given) - set(KEYPOINT_METADATA_FIELDS):
+        unknown = sorted(set(given) - set(KEYPOINT_METADATA_FIELDS)) if isinstance(given, dict) else type(given).__name__
+        raise ValueError(f"{metadata_file} must hold a JSON object of the fields {list(KEYPOINT_METADATA_FIELDS)}, got {unknown}")
+    return {**metadata, **given}
 
 
 def _row(image: dict, image_dir: Path, annotation_id: int, box, values: np.ndarray, area: float, score: float) -> dict:

@@ -7,6 +7,8 @@ AFLW2000-3D by tests/test_data_head_pose.py) and the rotation-matrix convention.
 """
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -217,4 +219,23 @@ def _dataset(rows: list[dict], root: Path) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns, features=FEATURES)
 
 
-__all__ = ["FEATURES", "face_box_from_landmarks", "load_300w_lp", "load_aflw2000", "load_biwi"]
+@dataclass(frozen=True)
+class HeadPoseDataFormat:
+    """One on-disk layout of head-pose data: its loader (a folder or zip -> `Dataset`) and the data set's name."""
+
+    load: Callable[[str], datasets.Dataset]
+    display_name: str
+
+
+# The formats training takes (`--train_format`, `--validation_format`), by name.
+DATA_FORMATS = {
+    "300w_lp": HeadPoseDataFormat(load_300w_lp, "300W-LP"),
+    "aflw2000": HeadPoseDataFormat(load_aflw2000, "AFLW2000-3D"),
+    "biwi": HeadPoseDataFormat(load_biwi, "BIWI Kinect head pose"),
+}
+
+
+__all__ = [
+    "DATA_FORMATS", "FEATURES", "HeadPoseDataFormat", "face_box_from_landmarks", "load_300w_lp", "load_aflw2000",
+    "load_biwi",
+]  # fmt: skip

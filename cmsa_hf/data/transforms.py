@@ -14,7 +14,11 @@ import numpy as np
 import torch
 
 from ..codecs import mirror_angles
-from ..image_processing_cmsa import box_to_center_and_size, crop_matrix, transform_points, warp_image
+from ..configuration_cmsa import COCO_UPPER_BODY_KEYPOINTS
+from ..geometry import (
+    box_to_center_and_size, crop_matrix, flip_horizontally, mirror_matrix, points_to_center_and_size, swap_pairs,
+    transform_points, warp_image,
+)  # fmt: skip
 from .validation import decode_image
 
 
@@ -141,13 +145,10 @@ class ClassificationTransform:
             rng = np.random.default_rng([self.seed, self.epoch, row])
             image = random_crop_with_padding(np.asarray(image, dtype=np.float32), self.crop_padding, rng)
             if rng.random() < self.hflip_probability:
-                image = image[:, :, ::-1]
+                image = flip_horizontally(image)
             image = (image * self.processor.rescale_factor - self.mean) / self.std
             out.append(random_erasing(torch.from_numpy(np.ascontiguousarray(image)), rng, self.random_erasing_probability))
         return {"pixel_values": torch.stack(out), "labels": torch.as_tensor(batch[self.label_column])}
-
-
-COCO_UPPER_BODY = tuple(range(11))  # nose, eyes, ears, shoulders, elbows, wrists
 
 
 def half_body_region(keypoints, visibility, upper_body, aspect_ratio: float, rng: np.random.Generator):
@@ -160,24 +161,7 @@ def half_body_region(keypoints, visibility, upper_body, aspect_ratio: float, rng
         chosen = upper if len(upper) >= 2 else []
     if len(chosen) < 2:
         return None
-    points = np.asarray(keypoints)[chosen]
-    top_left, bottom_right = points.min(axis=0), points.max(axis=0)
-    width, height = bottom_right - top_left
-    box = [top_left[0], top_left[1], max(width, 1.0), max(height, 1.0)]
-    return box_to_center_and_size(box, aspect_ratio, padding=1.5)
-
-
-def mirror_matrix(width: int) -> np.ndarray:
-    """The 3x3 horizontal mirror of a crop of `width` pixels (x -> width - x), to compose after a crop matrix."""
-    return np.array([[-1.0, 0, width], [0, 1, 0], [0, 0, 1]])
-
-
-def swap_pairs(values: np.ndarray, flip_pairs) -> np.ndarray:
-    """Swap left / right keypoints along the first axis."""
-    values = np.array(values, copy=True)
-    for left, right in flip_pairs:
-        values[[left, right]] = values[[right, left]]
-    return values
+    return points_to_center_and_size(np.asarray(keypoints)[chosen], aspect_ratio, padding=1.5)
 
 
 class _BoxCropTransform:
@@ -199,9 +183,11 @@ class _BoxCropTransform:
 class TopDownTransform(_BoxCropTransform):
     """`Dataset.with_transform` callable for pose rows (`cmsa_hf.data.coco`): crop each person, encode its targets.
 
-    Training draws, per sample from (seed, epoch, row): half body (p 0.3, when more than 8 keypoints are visible),
+    Training draws, per sample from (seed, epoch, row): half body (p 0.3, when more than `half_body_min_keypoints`
+    keypoints are visible: the visible `upper_body` keypoints or the others; never when `upper_body` is empty),
     scale (x clip(1 + 0.35 N, 0.65, 1.35)), rotation (p 0.6, clip(45 N, -90, 90) degrees), horizontal flip (p 0.5,
-    left / right swapped) and random erasing, all as one affine warp that the keypoints follow. Returns
+    `flip_pairs` swapped) and random erasing, all as one affine warp that the keypoints follow. Take `flip_pairs`
+    and `upper_body` from the model's config (`config.flip_pairs`, `config.upper_body_keypoints`). Returns
     `pixel_values` (B, 3, H, W), `target_heatmaps` (B, K, h, w), `target_weights` (B, K) and `sample_index`.
     """
 
@@ -218,13 +204,15 @@ class TopDownTransform(_BoxCropTransform):
         rotation_factor: float = 45.0,
         rotation_probability: float = 0.6,
         random_erasing_probability: float = 0.0,
-        upper_body=COCO_UPPER_BODY,
+        upper_body=COCO_UPPER_BODY_KEYPOINTS,
+        half_body_min_keypoints: int = 8,
     ):
         self.processor, self.codec, self.flip_pairs = processor, codec, flip_pairs
         self.train, self.seed, self.epoch = train, seed, 0
         self.flip_probability, self.half_body_probability = flip_probability, half_body_probability
         self.scale_factor, self.rotation_factor, self.rotation_probability = scale_factor, rotation_factor, rotation_probability
         self.random_erasing_probability, self.upper_body = random_erasing_probability, set(upper_body)
+        self.half_body_min_keypoints = half_body_min_keypoints
 
     def crop_geometry(self, row: dict, rng: np.random.Generator | None) -> tuple[np.ndarray, bool]:
         """The crop matrix (image -> crop) of a row and whether it mirrors; random when `rng` is given."""
@@ -234,7 +222,8 @@ class TopDownTransform(_BoxCropTransform):
         rotation, mirror = 0.0, False
         if rng is not None:
             visibility = np.asarray(row["visibility"])
-            if (visibility > 0).sum() > 8 and rng.random() < self.half_body_probability:
+            enough = self.upper_body and (visibility > 0).sum() > self.half_body_min_keypoints
+            if enough and rng.random() < self.half_body_probability:
                 region = half_body_region(row["keypoints"], visibility, self.upper_body, aspect, rng)
                 if region is not None:
                     centre, size = region

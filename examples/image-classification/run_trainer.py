@@ -21,6 +21,10 @@ from cmsa_hf.data.image_classification import card_data_fields, load_splits, pre
 from cmsa_hf.data.transforms import ClassificationTransform
 from cmsa_hf.hub import image_classification_card, write_hub_folder
 from cmsa_hf.metrics import top_k_accuracy
+from cmsa_hf.tasks import ImageClassificationTask
+
+
+RECIPE = ImageClassificationTask.recipe
 
 
 @dataclass
@@ -34,9 +38,9 @@ class ScriptArguments:
     validation_dir: str | None = field(default=None, metadata={"help": "Default: the data set's own, or a share held out."})
     train_val_split: float = 0.1
     ignore_mismatched_sizes: bool = field(default=True, metadata={"help": "Re-initialise a head of another size."})
-    crop_padding: int = 4
-    hflip_probability: float = 0.5
-    random_erasing_probability: float = 0.0
+    crop_padding: int = RECIPE["crop_padding"]
+    hflip_probability: float = RECIPE["hflip_probability"]
+    random_erasing_probability: float = 0.0  # off for fine-tuning (the from-scratch recipe's is RECIPE's)
 
 
 class CMSATrainer(Trainer):
