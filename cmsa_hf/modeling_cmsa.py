@@ -947,6 +947,13 @@ class CMSAPreTrainedModel(PreTrainedModel):
         """The names of the parameters trained without weight decay (timm's convention): `no_weight_decay_names`."""
         return no_weight_decay_names(self)
 
+    def _add_backbone_and_head(self, config: CMSAConfig):
+        """`self.cmsa` (with the fusion layer when the head reads the fused map) and `self.head`, the config's head of
+        the model's task (`TASK_HEADS[self.pipeline_task]`)."""
+        head = head_class(config, self.pipeline_task)
+        self.cmsa = CMSAModel(config, add_fusion_layer=head.reads == "fused")
+        self.head = head(config)
+
     def _run_head(self, pixel_values, flip_test: bool, output_attentions, output_hidden_states):
         """Backbone (`self.cmsa`) -> `self.head`; with `flip_test` also the mirrored input, averaged in by
         `flip_test_average`. Returns (the head's outputs, the stage outputs when asked (argument, else config),
@@ -1062,9 +1069,7 @@ class CMSAForImageClassification(CMSAPreTrainedModel):
             )
         super().__init__(config)
         self.num_labels = config.num_labels
-        head = head_class(config, self.pipeline_task)
-        self.cmsa = CMSAModel(config, add_fusion_layer=head.reads == "fused")
-        self.head = head(config)
+        self._add_backbone_and_head(config)
         self.post_init()
 
     def forward(
@@ -1224,9 +1229,7 @@ class CMSAForKeypointDetection(CMSAPreTrainedModel):
 
     def __init__(self, config: CMSAConfig):
         super().__init__(config)
-        head = head_class(config, self.pipeline_task)
-        self.cmsa = CMSAModel(config, add_fusion_layer=head.reads == "fused")
-        self.head = head(config)
+        self._add_backbone_and_head(config)
         self.post_init()
 
     def forward(
@@ -1378,9 +1381,7 @@ class CMSAForHeadPoseEstimation(CMSAPreTrainedModel):
 
     def __init__(self, config: CMSAConfig):
         super().__init__(config)
-        head = head_class(config, self.pipeline_task)
-        self.cmsa = CMSAModel(config, add_fusion_layer=head.reads == "fused")
-        self.head = head(config)
+        self._add_backbone_and_head(config)
         self.post_init()
 
     def forward(
