@@ -34,7 +34,8 @@ ROWS = [
     (CMSAForKeypointDetection, {"image_size": (64, 48), **FIXED}, (None, 5.6, 7.3), "Table 2, COCO pose"),
     (CMSAForKeypointDetection, {"image_size": (128, 96)}, (None, 5.6, 7.3), "Table 2, COCO pose"),
     (CMSAForKeypointDetection, {"image_size": (128, 96), **FIXED}, (None, 5.6, 7.3), "Table 2, COCO pose"),
-    (CMSAForHeadPoseEstimation, {"image_size": (32, 32)}, (4.0, 5.4, 7.1), "Table 3, AFLW2000, binned head"),
+    (CMSAForHeadPoseEstimation, {"image_size": (32, 32)}, (4.0, 5.4, 7.1), "Table 3, AFLW2000, SSR head (the preset)"),
+    (CMSAForHeadPoseEstimation, {"image_size": (32, 32), "head_pose_head": "binned"}, (4.0, 5.4, 7.1), "Table 3, AFLW2000, binned head"),
 ]
 VARIANTS = ["cmsa-s", "cmsa-b", "cmsa-l"]
 POSE_LAYOUTS = [((32, 24), {}), ((64, 48), {}), ((64, 48), FIXED), ((128, 96), {}), ((128, 96), FIXED)]

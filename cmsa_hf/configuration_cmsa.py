@@ -34,7 +34,17 @@ FULL_RESOLUTION_MAX_SIDE = 64
 WINDOW_LAYOUTS = ("scaled", "fixed")
 AUTHORS_WINDOW_SIZES = (((32, 24), (16, 12), (8, 6)), ((16, 12), (8, 6)), ((8, 6), (8, 6)))
 
-HEAD_POSE_HEADS = ("binned", "ssr")
+# The one registry of task heads: per task (the model's `pipeline_task`), head name -> its class in modeling_cmsa.py,
+# the task's preset first. `CMSAConfig` validates its head fields (`HEAD_FIELDS`) against it and the models build their
+# head from it (`modeling_cmsa.head_class`).
+TASK_HEADS = {
+    "image-classification": {"linear": "CMSAClassificationHead"},
+    "keypoint-detection": {"heatmap": "CMSAHeatmapHead"},
+    "head-pose-estimation": {"ssr": "CMSASoftStagewiseHead", "binned": "CMSABinnedAngleHead"},
+}
+# The config field that picks the head of each task with more than one.
+HEAD_FIELDS = {"head-pose-estimation": "head_pose_head"}
+HEAD_POSE_HEADS = tuple(TASK_HEADS["head-pose-estimation"])  # the choices of run_head_pose.py --head
 
 # COCO person keypoints: names, left/right pairs swapped by a horizontal flip, skeleton edges (0-based), the OKS
 # sigmas of COCOeval (pycocotools' `kpt_oks_sigmas`) and the upper body of HRNet's half-body augmentation.
@@ -166,10 +176,11 @@ class CMSAConfig(PreTrainedConfig):
             keypoints of the upper body for the half-body augmentation (none: no half-body crops).
         heatmap_init_scale (`float`, defaults to 0.01): Initial scale (BatchNorm weight) of the heatmaps of
             `CMSAForKeypointDetection`, so that they start near zero like the Gaussian targets' background.
-        head_pose_head (`str`, defaults to `"binned"`): Head of `CMSAForHeadPoseEstimation`: `"binned"` (the Hopenet
-            form: per angle, logits over bins from the pooled last stage) or `"ssr"` (FSA-Net's soft stage-wise
-            regression over the three pooled stages, a few thousand weights). The binned head learned faster in
-            the README's AFLW2000 proxy run (held-out MAE 13.6 vs 15.9 degrees).
+        head_pose_head (`str`, defaults to `"ssr"`): Head of `CMSAForHeadPoseEstimation` (`TASK_HEADS`): `"ssr"`, the
+            paper's "binned classification and soft stage-wise regression" of FSA-Net (Section 4.2.2): per stage a
+            few bins, a shift and a range from the pooled stage, a few thousand weights, with which the model has
+            the paper's 4.0 / 5.4 / 7.1M parameters; or `"binned"` (the Hopenet form the authors' scripts point at:
+            per angle, logits over 66 bins from the pooled last stage, about 45k weights at CMSA-S, 4.1M in all).
         head_pose_bins (`int`, defaults to 66) and head_pose_bin_width (`float`, defaults to 3.0): The angle bins
             of the binned head, centred on 0 (66 x 3 degrees cover [-99, 99]).
         head_pose_regression_weight (`float`, defaults to 2.0): alpha in the binned loss CE + alpha * MSE of the
@@ -204,7 +215,7 @@ class CMSAConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     reparameterized: bool = False
     heatmap_init_scale: float = 0.01
-    head_pose_head: str = "binned"
+    head_pose_head: str = "ssr"
     head_pose_bins: int = 66
     head_pose_bin_width: float = 3.0
     head_pose_regression_weight: float = 2.0
@@ -228,6 +239,7 @@ class CMSAConfig(PreTrainedConfig):
         self._validate_positive()
         self._validate_architecture()
         self._validate_keypoints()
+        self._validate_heads()
         self._validate_head_pose()
         # A saved config (it carries transformers_version) loaded with a new num_labels is a new classifier head:
         # transformers then names the new labels LABEL_i, as ever. Given together in code, the two must agree.
@@ -385,9 +397,17 @@ class CMSAConfig(PreTrainedConfig):
                         f"of group {group} in stage {stage + 1} at image_size {tuple(self.image_size)}"
                     )
 
+    def _validate_heads(self):
+        """Every head field names a head registered for its task (`TASK_HEADS`)."""
+        for task, field in HEAD_FIELDS.items():
+            name, choices = getattr(self, field), TASK_HEADS[task]
+            if name not in choices:
+                raise ValueError(
+                    f"{field} must be one of the {task} heads {', '.join(map(repr, choices))}, got {name!r} "
+                    "(an unknown head)"
+                )
+
     def _validate_head_pose(self):
-        if self.head_pose_head not in HEAD_POSE_HEADS:
-            raise ValueError(f"head_pose_head must be one of {HEAD_POSE_HEADS}, got {self.head_pose_head!r}")
         if len(self.ssr_stage_bins) != self.num_stages:
             raise ValueError(f"ssr_stage_bins needs one entry per stage ({self.num_stages}), got {self.ssr_stage_bins}")
 
@@ -439,4 +459,8 @@ class CMSAConfig(PreTrainedConfig):
             raise ValueError(f"upper_body_keypoints must be distinct keypoint indices in [0, {count}), got {upper}")
 
 
-__all__ = ["CMSAConfig", "VARIANTS", "WINDOW_LAYOUTS", "AUTHORS_WINDOW_SIZES", "COCO_KEYPOINT_NAMES", "COCO_FLIP_PAIRS", "COCO_SKELETON", "COCO_KEYPOINT_SIGMAS", "COCO_UPPER_BODY_KEYPOINTS", "DEFAULT_KEYPOINT_SIGMA", "flip_pairs_from_names"]
+__all__ = [
+    "CMSAConfig", "TASK_HEADS", "HEAD_FIELDS", "VARIANTS", "WINDOW_LAYOUTS", "AUTHORS_WINDOW_SIZES", "COCO_KEYPOINT_NAMES",
+    "COCO_FLIP_PAIRS", "COCO_SKELETON", "COCO_KEYPOINT_SIGMAS", "COCO_UPPER_BODY_KEYPOINTS", "DEFAULT_KEYPOINT_SIGMA",
+    "flip_pairs_from_names",
+]  # fmt: skip

@@ -117,7 +117,10 @@ def object_keypoint_similarity(keypoints, others, area: float, sigmas=COCO_SIGMA
     return np.exp(-squared / variances / (2 * (area + np.spacing(1)))).mean(-1)
 
 
-def oks_nms(poses, scores, areas, threshold: float = 0.9, sigmas=COCO_SIGMAS) -> list[int]:
+OKS_NMS_THRESHOLD = 0.9  # HRNet's detected-box protocol
+
+
+def oks_nms(poses, scores, areas, threshold: float = OKS_NMS_THRESHOLD, sigmas=COCO_SIGMAS) -> list[int]:
     """Greedy non-maximum suppression by OKS (HRNet's detected-box protocol): indices of the poses kept. poses
     (N, K, 2), scores (N,), areas (N,); `sigmas` (K,) the set's OKS sigmas."""
     order = list(np.argsort(scores)[::-1])
@@ -149,7 +152,7 @@ def coco_keypoint_results(
     return results
 
 
-def oks_nms_per_image(image_ids, poses, scores, areas, threshold: float = 0.9, sigmas=COCO_SIGMAS) -> np.ndarray:
+def oks_nms_per_image(image_ids, poses, scores, areas, threshold: float = OKS_NMS_THRESHOLD, sigmas=COCO_SIGMAS) -> np.ndarray:
     """`oks_nms` within each image: the sorted indices of the poses (N, K, 2) that survive among their own image's."""
     image_ids, poses, scores, areas = (np.asarray(values) for values in (image_ids, poses, scores, areas))
     kept = []

@@ -20,13 +20,14 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput, TransformersKwargs
 
 from .codecs import AngleBinCodec, flip_heatmaps_back, mirror_angles
-from .configuration_cmsa import CMSAConfig
+from .configuration_cmsa import HEAD_FIELDS, TASK_HEADS, CMSAConfig
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,6 +222,10 @@ class CMSAWindowAttention(nn.Module):
         # |dy| < window height and |dx| < window width: one bias per head and offset.
         self.attention_bias = nn.Parameter(torch.zeros(num_heads, window_size[0] * window_size[1]))
         self.register_buffer("attention_bias_index", self.relative_bias_index(), persistent=False)
+
+    def no_weight_decay(self) -> set[str]:
+        """The bias table is trained without weight decay (timm's convention)."""
+        return {"attention_bias"}
 
     def relative_bias_index(self) -> torch.Tensor:
         """(queries per window, keys per window) index into `attention_bias`: |dy| * window width + |dx|."""
@@ -494,6 +499,81 @@ class CMSAFusionNeck(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Task heads: the protocol, the registry lookup, the flip test
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CMSAHead(nn.Module):
+    """What every task head is (registered per task in `configuration_cmsa.TASK_HEADS`):
+
+    - `reads`: the `CMSAModel` output it takes. `"fused"`: `last_hidden_state` of the backbone with its multi-stage
+      fusion, (batch, sum C_i, H1, W1) at stage-1 resolution (the heads that need it apply `CMSAFusionNeck` to it).
+      `"stages"`: `hidden_states`, the stage outputs [(batch, C_i, H1 / 2^i, W1 / 2^i)] (backbone without fusion).
+    - `forward(features) -> dict[str, Tensor]`: its outputs by name, the fields of the task's model output.
+    - `loss(**outputs, **targets) -> Tensor`: the scalar loss from those outputs and the targets, by name.
+    - `mirror(outputs) -> dict[str, Tensor]`: the outputs predicted on a horizontally mirrored input, mapped to the
+      frame of the input itself (what the flip test averages, `flip_test_average`).
+    """
+
+    reads = "fused"
+
+    def features(self, backbone_outputs: BaseModelOutputWithPooling):
+        """The part of the backbone's outputs this head reads (see `reads`)."""
+        return backbone_outputs.last_hidden_state if self.reads == "fused" else backbone_outputs.hidden_states
+
+    def forward(self, features) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must define forward (see CMSAHead)")
+
+    def loss(self, **outputs_and_targets) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define loss (see CMSAHead)")
+
+    def mirror(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must define mirror (see CMSAHead)")
+
+
+def head_class(config: CMSAConfig, task: str) -> type[CMSAHead]:
+    """The head class of `task` that the config picks (`HEAD_FIELDS`; the task's only head otherwise), from
+    `TASK_HEADS`."""
+    heads = TASK_HEADS[task]
+    name = getattr(config, HEAD_FIELDS[task]) if task in HEAD_FIELDS else next(iter(heads))
+    return globals()[heads[name]]
+
+
+def flip_test_average(head: CMSAHead, outputs: dict, mirrored_outputs: dict) -> dict:
+    """The flip test: each of `outputs` (of the input) averaged with the same output of the mirrored input, mapped
+    back by `head.mirror`. Every `CMSAFor<Task>` runs its flip test through this."""
+    mirrored = head.mirror(mirrored_outputs)
+    return {name: 0.5 * (value + mirrored[name]) for name, value in outputs.items()}
+
+
+class CMSAClassificationHead(CMSAHead):
+    """Fusion neck (Conv1x1 + BN + activation) -> global average pool -> dropout -> linear. Cross-entropy (or
+    transformers' loss for `config.problem_type`). A flip does not change the class.
+
+    Shapes: fused (batch, sum C, H1, W1) -> logits (batch, num_labels).
+    """
+
+    def __init__(self, config: CMSAConfig):
+        super().__init__()
+        self.config = config
+        self.neck = CMSAFusionNeck(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(self.neck.hidden_size, config.num_labels)
+
+    def forward(self, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = self.neck(fused).mean(dim=(2, 3))
+        return {"logits": self.classifier(self.dropout(pooled))}
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """transformers' image-classification loss: CE, BCE or MSE by `config.problem_type` (inferred and set from
+        the first labels when unset)."""
+        return ForSequenceClassificationLoss(labels=labels, pooled_logits=logits, config=self.config)
+
+    def mirror(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(outputs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -686,6 +766,27 @@ def _warn_initialised_weights(model: "CMSAPreTrainedModel", info: dict, source):
     )
 
 
+# Layers whose parameters (scale and shift) are trained without weight decay (`no_weight_decay_names`).
+NORMALIZATION_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """The names of `model`'s parameters to train without weight decay, collected from its modules: every module's
+    `bias`, the scales and shifts of the normalisation layers, and the names a module lists in its own
+    `no_weight_decay()` (timm's convention; here the attention-bias tables of `CMSAWindowAttention`)."""
+    exempt = set()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        own = [name for name, _ in module.named_parameters(recurse=False)]
+        if isinstance(module, NORMALIZATION_LAYERS):
+            exempt.update(prefix + name for name in own)
+        elif "bias" in own:
+            exempt.add(prefix + "bias")
+        if not isinstance(module, PreTrainedModel) and hasattr(module, "no_weight_decay"):
+            exempt.update(prefix + name for name in module.no_weight_decay())
+    return exempt
+
+
 class CMSAPreTrainedModel(PreTrainedModel):
     config_class = CMSAConfig
     config: CMSAConfig
@@ -733,6 +834,8 @@ class CMSAPreTrainedModel(PreTrainedModel):
     # itself, such as image-classification, need no copy).
     extra_auto_classes: dict[str, str] = {}
     pipeline_task: str | None = None
+    # Old weight name (regex) -> new one, applied by `from_pretrained` to checkpoints saved by earlier versions.
+    legacy_weight_names: dict[str, str] = {}
 
     def get_input_embeddings(self) -> nn.Module:
         """The stem: the module that turns pixels into the first feature map (pixel models' input embeddings)."""
@@ -800,8 +903,11 @@ class CMSAPreTrainedModel(PreTrainedModel):
         - reparameterized weights with a multi-branch config (or the reverse) raise a ValueError;
         - a config.json without a field that shapes the computation warns (the default would be used silently);
         - weights initialised rather than loaded warn (a `UserWarning`) with what was initialised and what was
-          dropped: a partial CMSA checkpoint (backbone weights missing) or another task's checkpoint.
+          dropped: a partial CMSA checkpoint (backbone weights missing) or another task's checkpoint;
+        - weights named as earlier versions named them load under the current names (`legacy_weight_names`).
         """
+        if cls.legacy_weight_names:
+            kwargs.setdefault("key_mapping", cls.legacy_weight_names)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         output_loading_info = kwargs.pop("output_loading_info", False)
         if pretrained_model_name_or_path is not None and kwargs.get("config") is None:
@@ -814,6 +920,12 @@ class CMSAPreTrainedModel(PreTrainedModel):
             )  # fmt: skip
         except SafetensorError as error:
             raise OSError(f"The weights in {pretrained_model_name_or_path} are corrupt or truncated: {error}") from error
+        if kwargs.get("key_mapping") is cls.legacy_weight_names:  # save under the current names, not the loaded ones
+            model._weight_conversions = [
+                conversion for conversion in getattr(model, "_weight_conversions", None) or []
+                if getattr(conversion, "_original_source_patterns", None) is None
+                or not set(conversion._original_source_patterns) <= set(cls.legacy_weight_names)
+            ]  # fmt: skip
         source = pretrained_model_name_or_path if pretrained_model_name_or_path is not None else "the state_dict"
         _check_weight_form(model, info["unexpected_keys"], source)
         if info["mismatched_keys"] and not ignore_mismatched_sizes:
@@ -830,6 +942,34 @@ class CMSAPreTrainedModel(PreTrainedModel):
         if not (pretrained_model_name_or_path is None and kwargs.get("state_dict") == {}):  # unless asked for
             _warn_initialised_weights(model, info, source)
         return (model, info) if output_loading_info else model
+
+    def no_weight_decay(self) -> set[str]:
+        """The names of the parameters trained without weight decay (timm's convention): `no_weight_decay_names`."""
+        return no_weight_decay_names(self)
+
+    def _add_backbone_and_head(self, config: CMSAConfig):
+        """`self.cmsa` (with the fusion layer when the head reads the fused map) and `self.head`, the config's head of
+        the model's task (`TASK_HEADS[self.pipeline_task]`)."""
+        head = head_class(config, self.pipeline_task)
+        self.cmsa = CMSAModel(config, add_fusion_layer=head.reads == "fused")
+        self.head = head(config)
+
+    def _run_head(self, pixel_values, flip_test: bool, output_attentions, output_hidden_states):
+        """Backbone (`self.cmsa`) -> `self.head`; with `flip_test` also the mirrored input, averaged in by
+        `flip_test_average`. Returns (the head's outputs, the stage outputs when asked (argument, else config),
+        the attentions when asked), the last two those of the input itself."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        needs_stages = self.head.reads == "stages"
+        outputs = self.cmsa(
+            pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states or needs_stages,
+            return_dict=True,
+        )  # fmt: skip
+        head_outputs = self.head(self.head.features(outputs))
+        if flip_test:
+            mirrored = self.cmsa(pixel_values.flip(-1), output_attentions=False, output_hidden_states=needs_stages, return_dict=True)
+            head_outputs = flip_test_average(self.head, head_outputs, self.head(self.head.features(mirrored)))
+        return head_outputs, (outputs.hidden_states if output_hidden_states else None), outputs.attentions
 
     def reparameterize(self) -> "CMSAPreTrainedModel":
         """Fold the multi-branch convolutions and conv + BN pairs for inference (in place, idempotent).
@@ -914,10 +1054,12 @@ class CMSAModel(CMSAPreTrainedModel):
 
 
 class CMSAForImageClassification(CMSAPreTrainedModel):
-    """CMSAModel -> fusion neck (Conv1x1 + BN + activation) -> global average pool -> dropout -> linear."""
+    """CMSAModel -> `CMSAClassificationHead` (fusion neck -> global average pool -> dropout -> linear)."""
 
     extra_auto_classes = {"AutoModel": "CMSAModel"}
     pipeline_task = "image-classification"
+    # Checkpoints saved before the head became a module (`CMSAClassificationHead`) name its weights without `head.`.
+    legacy_weight_names = {r"^neck\.": "head.neck.", r"^classifier\.": "head.classifier."}
 
     def __init__(self, config: CMSAConfig):
         if config.num_labels < 1:
@@ -927,16 +1069,14 @@ class CMSAForImageClassification(CMSAPreTrainedModel):
             )
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.cmsa = CMSAModel(config)
-        self.neck = CMSAFusionNeck(config)
-        self.dropout = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(self.neck.hidden_size, config.num_labels)
+        self._add_backbone_and_head(config)
         self.post_init()
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
+        flip_test: bool = False,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -946,26 +1086,24 @@ class CMSAForImageClassification(CMSAPreTrainedModel):
         "multi_label_classification" / "regression" float targets (batch, num_labels) ((batch,) for one label).
         With `problem_type` unset, transformers infers it from the first labels (integer: single-label, float:
         multi-label, num_labels == 1: regression) and keeps it; `_check_labels` lists what each type takes.
-        Returns `hidden_states` and `attentions` as `CMSAModel` does."""
+        flip_test: also classify the mirrored images and average the logits.
+        Returns `hidden_states` and `attentions` as `CMSAModel` does (those of the unflipped images)."""
         check_forward_kwargs(self, kwargs)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.cmsa(
-            pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True
+        head_outputs, hidden_states, attentions = self._run_head(
+            pixel_values, flip_test, output_attentions, output_hidden_states
         )
-        pooled = self.neck(outputs.last_hidden_state).mean(dim=(2, 3))
-        logits = self.classifier(self.dropout(pooled))
+        logits = head_outputs["logits"]
 
         loss = None
         if labels is not None:
             self._check_labels(labels, logits.shape[0])
-            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+            loss = self.head.loss(logits=logits, labels=labels)
 
         if not return_dict:
-            output = tuple(v for v in (logits, outputs.hidden_states, outputs.attentions) if v is not None)
+            output = tuple(v for v in (logits, hidden_states, attentions) if v is not None)
             return ((loss,) + output) if loss is not None else output
-        return ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
 
     def _check_labels(self, labels: torch.Tensor, batch_size: int):
         """Labels must fit `config.problem_type` (or, unset, the type transformers will infer from them):
@@ -1039,14 +1177,16 @@ class CMSAKeypointDetectionOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor | tuple[torch.FloatTensor, ...], ...] | None = None
 
 
-class CMSAHeatmapHead(nn.Module):
-    """The authors' fusion head: fusion neck -> Conv1x1 + BN to one heatmap per keypoint. Owns its loss.
+class CMSAHeatmapHead(CMSAHead):
+    """The authors' fusion head: fusion neck -> Conv1x1 + BN to one heatmap per keypoint. Owns its loss; mirrored
+    heatmaps are flipped back with the left / right keypoints of `config.flip_pairs` swapped.
 
-    Shapes: (batch, sum C, H1, W1) -> (batch, num_keypoints, H1, W1).
+    Shapes: fused (batch, sum C, H1, W1) -> heatmaps (batch, num_keypoints, H1, W1).
     """
 
     def __init__(self, config: CMSAConfig):
         super().__init__()
+        self.flip_pairs = [tuple(pair) for pair in config.flip_pairs]
         self.neck = CMSAFusionNeck(config)
         self.heatmaps = CMSAConvBN(
             self.neck.hidden_size, config.num_keypoints, eps=config.batch_norm_eps, inference_mode=config.reparameterized
@@ -1054,8 +1194,11 @@ class CMSAHeatmapHead(nn.Module):
         if isinstance(self.heatmaps.bn, nn.BatchNorm2d):
             self.heatmaps.bn.is_heatmap_output = True  # initialised at config.heatmap_init_scale
 
-    def forward(self, fused: torch.Tensor) -> torch.Tensor:
-        return self.heatmaps(self.neck(fused))
+    def forward(self, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"heatmaps": self.heatmaps(self.neck(fused))}
+
+    def mirror(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"heatmaps": flip_heatmaps_back(outputs["heatmaps"], self.flip_pairs)}
 
     @staticmethod
     def loss(
@@ -1086,8 +1229,7 @@ class CMSAForKeypointDetection(CMSAPreTrainedModel):
 
     def __init__(self, config: CMSAConfig):
         super().__init__(config)
-        self.cmsa = CMSAModel(config)
-        self.head = CMSAHeatmapHead(config)
+        self._add_backbone_and_head(config)
         self.post_init()
 
     def forward(
@@ -1113,25 +1255,22 @@ class CMSAForKeypointDetection(CMSAPreTrainedModel):
         for name, value in (("target_heatmaps", target_heatmaps), ("target_weights", target_weights)):
             check_finite_targets(name, value)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.cmsa(
-            pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True
+        head_outputs, hidden_states, attentions = self._run_head(
+            pixel_values, flip_test, output_attentions, output_hidden_states
         )
-        heatmaps = self.head(outputs.last_hidden_state)
-        if flip_test:
-            mirrored = self.head(self.cmsa(pixel_values.flip(-1), return_dict=True).last_hidden_state)
-            heatmaps = 0.5 * (heatmaps + flip_heatmaps_back(mirrored, self.config.flip_pairs))
+        heatmaps = head_outputs["heatmaps"]
 
         loss = None
         if target_heatmaps is not None:
             if target_weights is None:
                 target_weights = torch.ones(heatmaps.shape[:2], device=heatmaps.device)
-            loss = self.head.loss(heatmaps, target_heatmaps, target_weights)
+            loss = self.head.loss(heatmaps=heatmaps, target_heatmaps=target_heatmaps, target_weights=target_weights)
 
         if not return_dict:
-            output = tuple(v for v in (heatmaps, outputs.hidden_states, outputs.attentions) if v is not None)
+            output = tuple(v for v in (heatmaps, hidden_states, attentions) if v is not None)
             return ((loss,) + output) if loss is not None else output
         return CMSAKeypointDetectionOutput(
-            loss=loss, heatmaps=heatmaps, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            loss=loss, heatmaps=heatmaps, hidden_states=hidden_states, attentions=attentions
         )
 
 
@@ -1153,12 +1292,14 @@ class CMSAHeadPoseOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor | tuple[torch.FloatTensor, ...], ...] | None = None
 
 
-class CMSABinnedAngleHead(nn.Module):
+class CMSABinnedAngleHead(CMSAHead):
     """The Hopenet form: the pooled last stage -> one linear classifier over angle bins per angle; the angle is the
     expectation over the bin centres. Owns its loss: cross-entropy on the bins + alpha * MSE of the expected angle.
 
     Shapes: stage outputs [(batch, C_i, H_i, W_i)] -> logits (batch, 3, bins), angles (batch, 3).
     """
+
+    reads = "stages"
 
     def __init__(self, config: CMSAConfig):
         super().__init__()
@@ -1166,10 +1307,10 @@ class CMSABinnedAngleHead(nn.Module):
         self.regression_weight = config.head_pose_regression_weight
         self.classifier = nn.Linear(config.hidden_sizes[-1], 3 * config.head_pose_bins)
 
-    def forward(self, stage_outputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, stage_outputs) -> dict[str, torch.Tensor]:
         pooled = stage_outputs[-1].mean(dim=(2, 3))
         logits = self.classifier(pooled).view(pooled.shape[0], 3, self.codec.num_bins)
-        return logits, self.codec.decode(logits)
+        return {"logits": logits, "angles": self.codec.decode(logits)}
 
     def loss(self, logits: torch.Tensor, angles: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed over the three angles, averaged over the batch (degrees for the MSE)."""
@@ -1183,8 +1324,11 @@ class CMSABinnedAngleHead(nn.Module):
         """The logits of the mirrored face: bins are symmetric about 0, so yaw and roll reverse their bins."""
         return torch.stack([logits[:, 0].flip(-1), logits[:, 1], logits[:, 2].flip(-1)], dim=1)
 
+    def mirror(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"logits": self.mirror_logits(outputs["logits"]), "angles": mirror_angles(outputs["angles"])}
 
-class CMSASoftStagewiseHead(nn.Module):
+
+class CMSASoftStagewiseHead(CMSAHead):
     """FSA-Net's soft stage-wise regression (SSR, Yang et al. 2018/2019) over the three pooled stages, deepest
     first: stage k predicts for each angle a distribution over `s_k` bins (ReLU), a shift of the bin centres
     (tanh) and a dynamic range (tanh); the angle is V * sum_k sum_i p_k,i (i - s_k // 2 + shift_k) /
@@ -1195,6 +1339,7 @@ class CMSASoftStagewiseHead(nn.Module):
     Shapes: stage outputs [(batch, C_i, H_i, W_i)] -> angles (batch, 3).
     """
 
+    reads = "stages"
     dynamic_range_weight = 0.5
 
     def __init__(self, config: CMSAConfig):
@@ -1206,7 +1351,7 @@ class CMSASoftStagewiseHead(nn.Module):
         self.shifts = nn.ModuleList(nn.Linear(c, 3) for c in channels)
         self.ranges = nn.ModuleList(nn.Linear(c, 3) for c in channels)
 
-    def forward(self, stage_outputs) -> tuple[None, torch.Tensor]:
+    def forward(self, stage_outputs) -> dict[str, torch.Tensor]:
         angle, denominator = 0.0, 1.0
         for index, features in enumerate(reversed(stage_outputs)):
             pooled = features.mean(dim=(2, 3))
@@ -1217,26 +1362,26 @@ class CMSASoftStagewiseHead(nn.Module):
             denominator = denominator * bins * (1 + self.dynamic_range_weight * dynamic_range)
             centres = torch.arange(bins, device=pooled.device, dtype=pooled.dtype) - bins // 2
             angle = angle + (probabilities * (centres + shift.unsqueeze(-1))).sum(dim=-1) / denominator
-        return None, angle * self.half_range
+        return {"angles": angle * self.half_range}
 
-    def loss(self, logits, angles: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, angles: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean absolute error in degrees, summed over the three angles."""
         return (angles.float() - labels.float()).abs().sum(dim=1).mean()
 
-
-HEAD_POSE_HEAD_CLASSES = {"binned": CMSABinnedAngleHead, "ssr": CMSASoftStagewiseHead}
+    def mirror(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"angles": mirror_angles(outputs["angles"])}
 
 
 class CMSAForHeadPoseEstimation(CMSAPreTrainedModel):
-    """Landmark-free head pose from a face crop: CMSAModel -> angle head (`config.head_pose_head`, binned by
-    default). Angles in degrees, order (yaw, pitch, roll), the 300W-LP sign convention (`cmsa_hf.codecs`)."""
+    """Landmark-free head pose from a face crop: CMSAModel (no fusion) -> angle head (`config.head_pose_head`: the
+    paper's SSR head by default, or the binned one). Angles in degrees, order (yaw, pitch, roll), the 300W-LP sign
+    convention (`cmsa_hf.codecs`)."""
 
     pipeline_task = "head-pose-estimation"  # exported under AutoModel: transformers has no head-pose Auto class
 
     def __init__(self, config: CMSAConfig):
         super().__init__(config)
-        self.cmsa = CMSAModel(config, add_fusion_layer=False)  # the heads read the stages
-        self.head = HEAD_POSE_HEAD_CLASSES[config.head_pose_head](config)
+        self._add_backbone_and_head(config)
         self.post_init()
 
     def forward(
@@ -1258,16 +1403,10 @@ class CMSAForHeadPoseEstimation(CMSAPreTrainedModel):
         if labels is not None:
             self._check_labels(labels)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.cmsa(
-            pixel_values, output_attentions=output_attentions, output_hidden_states=True, return_dict=True
+        head_outputs, hidden_states, attentions = self._run_head(
+            pixel_values, flip_test, output_attentions, output_hidden_states
         )
-        logits, angles = self.head(outputs.hidden_states)
-        if flip_test:
-            mirrored = self.cmsa(pixel_values.flip(-1), output_hidden_states=True, return_dict=True)
-            mirrored_logits, mirrored_angles = self.head(mirrored.hidden_states)
-            angles = 0.5 * (angles + mirror_angles(mirrored_angles))
-            if logits is not None:
-                logits = 0.5 * (logits + self.head.mirror_logits(mirrored_logits))
+        angles, logits = head_outputs["angles"], head_outputs.get("logits")
 
         loss = None
         if labels is not None:
@@ -1275,16 +1414,13 @@ class CMSAForHeadPoseEstimation(CMSAPreTrainedModel):
                 raise ValueError(
                     f"labels must be (batch, 3) = {tuple(angles.shape)} yaw, pitch, roll in degrees, got {tuple(labels.shape)}"
                 )
-            loss = self.head.loss(logits, angles, labels)
+            loss = self.head.loss(**head_outputs, labels=labels)
 
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        hidden_states = outputs.hidden_states if output_hidden_states else None
         if not return_dict:
-            output = tuple(v for v in (angles, logits, hidden_states, outputs.attentions) if v is not None)
+            output = tuple(v for v in (angles, logits, hidden_states, attentions) if v is not None)
             return ((loss,) + output) if loss is not None else output
         return CMSAHeadPoseOutput(
-            loss=loss, angles=angles, logits=logits, hidden_states=hidden_states, attentions=outputs.attentions
+            loss=loss, angles=angles, logits=logits, hidden_states=hidden_states, attentions=attentions
         )
 
     def _check_labels(self, labels: torch.Tensor):
@@ -1309,4 +1445,5 @@ __all__ = [
     "CMSAForHeadPoseEstimation",
     "CMSAHeadPoseOutput",
     "reparameterize_model",
+    "no_weight_decay_names",
 ]

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from .modeling_cmsa import no_weight_decay_names
 
 
 logger = get_logger(__name__)
@@ -59,12 +60,12 @@ def parse_checkpointing_steps(value: str | None) -> int | str | None:
 
 
 def make_optimizer_and_scheduler(model, args, steps_per_epoch: int):
-    """AdamW without weight decay on biases, norms and attention biases (fused when the parameters are on a GPU);
-    warm-up then the chosen schedule."""
-    decay, no_decay = [], []
+    """AdamW (fused when the parameters are on a GPU) without weight decay on the parameters its modules exempt
+    (`no_weight_decay_names`: biases, norms, attention biases); warm-up then the chosen schedule."""
+    exempt, decay, no_decay = no_weight_decay_names(model), [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 or name.endswith("attention_bias") else decay).append(parameter)
+            (no_decay if name in exempt else decay).append(parameter)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate,

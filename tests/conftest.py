@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from cmsa_hf import CMSAConfig  # noqa: E402
+from cmsa_hf import CMSAConfig, CMSAForHeadPoseEstimation  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +116,31 @@ def make_aflw2000(root: Path, count: int = 6, seed: int = 0) -> Path:
         pose = np.array([[np.radians(pitch), np.radians(yaw), np.radians(roll), 1.0, 0.0, 0.0, 0.0]])
         scipy.io.savemat(root / f"{name}.mat", {"Pose_Para": pose, "pt2d": landmarks})
     return root
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    """Eight synthetic AFLW2000 faces (`make_aflw2000`)."""
+    return make_aflw2000(tmp_path_factory.mktemp("aflw") / "AFLW2000", count=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_head_pose_model(tmp_path_factory):
+    """A saved tiny head-pose model (`tiny_config`)."""
+    folder = tmp_path_factory.mktemp("tiny_head_pose")
+    torch.manual_seed(0)
+    CMSAForHeadPoseEstimation(tiny_config()).save_pretrained(folder)
+    return folder
+
+
+def head_pose_args(faces, model, output_dir, *extra) -> list[str]:
+    """run_head_pose.py flags for a few steps of the tiny model on `faces` (3 held out)."""
+    return [
+        "--train_data", str(faces), "--train_format", "aflw2000", "--validation_split_size", "3",
+        "--model_name_or_path", str(model), "--image_size", "16", "16", "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--num_warmup_steps", "1",
+        "--learning_rate", "1e-3", *extra,
+    ]  # fmt: skip
 
 
 def launch_two_processes(script: Path, args: list[str]):

@@ -1,7 +1,9 @@
 import pytest
 
 from cmsa_hf import VARIANTS, CMSAConfig
-from cmsa_hf.configuration_cmsa import COCO_FLIP_PAIRS, COCO_KEYPOINT_SIGMAS, DEFAULT_KEYPOINT_SIGMA, flip_pairs_from_names
+from cmsa_hf.configuration_cmsa import (
+    COCO_FLIP_PAIRS, COCO_KEYPOINT_SIGMAS, DEFAULT_KEYPOINT_SIGMA, HEAD_FIELDS, TASK_HEADS, flip_pairs_from_names,
+)  # fmt: skip
 
 
 def test_defaults_are_cmsa_s_at_32x24():
@@ -128,6 +130,16 @@ def test_a_new_label_count_for_a_saved_config_still_renames_the_labels(tmp_path)
     assert config.num_labels == 5 and config.id2label[4] == "LABEL_4"
     named = CMSAConfig(id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1}, num_labels=2)
     assert named.id2label == {0: "cat", 1: "dog"}
+
+
+def test_head_fields_are_checked_against_the_one_registry():
+    assert CMSAConfig().head_pose_head == next(iter(TASK_HEADS["head-pose-estimation"])) == "ssr"  # the preset first
+    for task, field in HEAD_FIELDS.items():
+        for name in TASK_HEADS[task]:
+            assert getattr(CMSAConfig(**{field: name}), field) == name
+        choices = ", ".join(repr(name) for name in TASK_HEADS[task])
+        with pytest.raises(ValueError, match=f"{field} must be one of the {task} heads {choices}, got 'fsa-capsule'"):
+            CMSAConfig(**{field: "fsa-capsule"})
 
 
 # ---------------------------------------------------------------------------------------------- keypoint metadata

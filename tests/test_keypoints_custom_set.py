@@ -18,7 +18,7 @@ from cmsa_hf import CMSAForKeypointDetection, CMSAImageProcessor
 from cmsa_hf.configuration_cmsa import DEFAULT_KEYPOINT_SIGMA
 from cmsa_hf.data.coco import keypoint_metadata
 from cmsa_hf.metrics import coco_keypoint_ap, coco_keypoint_results
-from cmsa_hf.tasks import KeypointDetectionTask, parse_args
+from cmsa_hf.tasks import KeypointDetectionTask, parse_args, run
 
 
 SCRIPT = REPO_ROOT / "examples" / "keypoint-detection" / "run_keypoints.py"
@@ -40,6 +40,9 @@ TEMPLATE = np.array([
     [0.35, 0.95], [0.37, 0.75], [0.40, 0.55], [0.60, 0.55], [0.63, 0.75], [0.65, 0.95], [0.15, 0.45], [0.22, 0.32],
     [0.33, 0.20], [0.67, 0.20], [0.78, 0.32], [0.85, 0.45], [0.50, 0.16], [0.50, 0.02],
 ])  # fmt: skip
+
+
+LSP_CATEGORY_ID = 3  # not COCO's person id: the results must carry the file's category
 
 
 def make_lsp_set(root: Path, num_images: int = 6, seed: int = 0) -> Path:
@@ -66,10 +69,10 @@ def make_lsp_set(root: Path, num_images: int = 6, seed: int = 0) -> Path:
         visibility[rng.integers(0, 14)] = 0  # one unlabelled joint per figure
         keypoints = np.concatenate([points * (visibility > 0), visibility], 1).ravel().round(2).tolist()
         annotations.append({
-            "id": image_id, "image_id": image_id, "category_id": 1, "bbox": box, "area": box[2] * box[3], "iscrowd": 0,
+            "id": image_id, "image_id": image_id, "category_id": LSP_CATEGORY_ID, "bbox": box, "area": box[2] * box[3], "iscrowd": 0,
             "keypoints": keypoints, "num_keypoints": int((visibility > 0).sum()),
         })  # fmt: skip
-    category = {"id": 1, "name": "person", "keypoints": LSP_NAMES, "skeleton": [[a + 1, b + 1] for a, b in LSP_SKELETON]}
+    category = {"id": LSP_CATEGORY_ID, "name": "person", "keypoints": LSP_NAMES, "skeleton": [[a + 1, b + 1] for a, b in LSP_SKELETON]}
     annotation_file = root / "lsp_keypoints.json"
     annotation_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [category]}))
     return annotation_file
@@ -89,7 +92,10 @@ def test_set_sigmas_drive_the_oks_ap(lsp, tmp_path):
     annotation_file, _, _ = lsp
     people = json.loads(annotation_file.read_text())["annotations"]
     keypoints = np.stack([np.asarray(p["keypoints"]).reshape(14, 3)[:, :2] for p in people]) + 2.0
-    results = coco_keypoint_results([p["image_id"] for p in people], keypoints, np.ones((len(people), 14)), np.ones(len(people)))
+    results = coco_keypoint_results(
+        [p["image_id"] for p in people], keypoints, np.ones((len(people), 14)), np.ones(len(people)),
+        category_id=LSP_CATEGORY_ID,
+    )  # fmt: skip
     strict = coco_keypoint_ap(annotation_file, results, tmp_path / "r.json", sigmas=LSP_SIGMAS)["AP"]
     loose = coco_keypoint_ap(annotation_file, results, tmp_path / "r.json", sigmas=[4 * s for s in LSP_SIGMAS])["AP"]
     assert strict < loose == 1.0
@@ -139,6 +145,7 @@ def test_train_evaluate_and_reload_a_14_point_set(lsp, tmp_path):
     # The AP the script reports is COCOeval with the set's sigmas on the results file it wrote
     written = json.loads((output_dir / "eval_keypoint_results.json").read_text())
     assert len(written) == 6 and all(len(entry["keypoints"]) == 3 * 14 for entry in written)
+    assert {entry["category_id"] for entry in written} == {LSP_CATEGORY_ID}
     again = coco_keypoint_ap(annotation_file, written, tmp_path / "again.json", sigmas=LSP_SIGMAS)
     assert round(again["AP"], 4) == results["eval_AP"] and round(again["AR"], 4) == results["eval_AR"]
 
@@ -167,3 +174,31 @@ def test_the_metadata_file_also_refines_a_saved_model(lsp, tmp_path):
     assert model.config.keypoint_sigmas == [DEFAULT_KEYPOINT_SIGMA] * 14  # the saved model's own
     model, _ = load_model([*args, "--keypoint_metadata_file", str(metadata_file)])
     check_lsp_config(model.config.to_dict())
+
+
+class LSPPoseTask(KeypointDetectionTask):
+    """The README's "Adding a task" example: the keypoint task with its own recipe defaults and card name."""
+
+    recipe = {**KeypointDetectionTask.recipe, "half_body_probability": 0.0, "rotation_factor": 30.0}
+
+    def card_fields(self, args):
+        return {**super().card_fields(args), "dataset_name": "lsp"}
+
+
+def test_a_task_subclass_changes_recipe_defaults_and_card(lsp, tmp_path):
+    annotation_file, image_dir, metadata_file = lsp
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="No keypoint_sigmas given"):
+        CMSAForKeypointDetection(tiny_config(**keypoint_metadata(annotation_file))).save_pretrained(tmp_path / "start")
+    output_dir = tmp_path / "lsp-task"
+    results = run(LSPPoseTask(), [
+        "--train_annotation_file", str(annotation_file), "--train_image_dir", str(image_dir),
+        "--model_name_or_path", str(tmp_path / "start"), "--keypoint_metadata_file", str(metadata_file),
+        "--image_size", "16", "16", "--output_dir", str(output_dir), "--max_train_steps", "1",
+        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4", "--num_warmup_steps", "0",
+    ])  # fmt: skip
+    assert results["train_steps"] == 1 and results["eval_samples"] == 6
+    check_lsp_config(json.loads((output_dir / "config.json").read_text()))
+    card = (output_dir / "README.md").read_text()
+    assert "      name: lsp\n" in card and "COCO-format person keypoints (14 points)" in card
+    assert "0.5 / 0.0 / 0.35 / 30.0 deg" in card  # flip / half body (the subclass's) / scale / rotation (its)

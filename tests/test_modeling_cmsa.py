@@ -8,16 +8,24 @@ import numpy as np
 import pytest
 import torch
 from conftest import randomise_batch_norms, tiny_config
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from cmsa_hf import CMSAConfig, CMSAForHeadPoseEstimation, CMSAForImageClassification, CMSAForKeypointDetection, CMSAModel
+from cmsa_hf.codecs import flip_heatmaps_back, mirror_angles
+from cmsa_hf.configuration_cmsa import HEAD_FIELDS, TASK_HEADS
 from cmsa_hf.modeling_cmsa import (
+    CMSABinnedAngleHead,
     CMSABlock,
     CMSAConvBN,
     CMSAEmbedding,
+    CMSAHead,
     CMSAReparamConv,
     CMSAUpsample,
     CMSAWindowAttention,
+    no_weight_decay_names,
     reparameterize_model,
 )
 
@@ -462,10 +470,10 @@ def test_new_label_count_needs_ignore_mismatched_sizes(tmp_path, tiny):
     original.save_pretrained(tmp_path)
     id2label = {i: f"new-{i}" for i in range(5)}
     labels = {"id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
-    with pytest.raises(RuntimeError, match=r"classifier\.weight: checkpoint \(3, 36\) vs model \(5, 36\)"):
+    with pytest.raises(RuntimeError, match=r"head\.classifier\.weight: checkpoint \(3, 36\) vs model \(5, 36\)"):
         CMSAForImageClassification.from_pretrained(tmp_path, **labels)
     model = CMSAForImageClassification.from_pretrained(tmp_path, ignore_mismatched_sizes=True, **labels)
-    assert model.classifier.out_features == 5 and model.config.num_labels == 5
+    assert model.head.classifier.out_features == 5 and model.config.num_labels == 5
     torch.testing.assert_close(model.cmsa.state_dict(), original.cmsa.state_dict())
 
 
@@ -549,9 +557,10 @@ def test_another_tasks_checkpoint_warns_with_what_was_dropped_and_initialised(tm
         model = CMSAForImageClassification.from_pretrained(tmp_path)
     message = " ".join(str(w.message) for w in record)
     assert "CMSAForKeypointDetection checkpoint loaded as CMSAForImageClassification" in message
-    assert re.search(r"Initialised with _init_weights: classifier, neck\.projection\.bn, neck\.projection\.conv", message)
-    assert re.search(r"Dropped \(not used by CMSAForImageClassification\): head\.heatmaps\.bn, .*head\.neck", message)
-    assert torch.isfinite(model.classifier.weight).all()
+    # The fusion neck is the same module in both heads: it loads, only the task's own layers do not.
+    assert re.search(r"Initialised with _init_weights: head\.classifier \(2 tensors\)", message)
+    assert re.search(r"Dropped \(not used by CMSAForImageClassification\): head\.heatmaps\.bn, head\.heatmaps\.conv ", message)
+    assert torch.isfinite(model.head.classifier.weight).all()
 
 
 def test_backbone_of_a_task_checkpoint_loads_silently(tmp_path, tiny):
@@ -677,3 +686,137 @@ def test_saved_folder_carries_the_code_for_remote_loading(tmp_path, tiny):
     assert {"modeling_cmsa.py", "configuration_cmsa.py"} <= {p.name for p in tmp_path.iterdir()}
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForImageClassification"] == "modeling_cmsa.CMSAForImageClassification"
+
+
+# --------------------------------------------------------------------------------------------- task heads
+
+
+TASK_MODELS = {
+    "image-classification": CMSAForImageClassification,
+    "keypoint-detection": CMSAForKeypointDetection,
+    "head-pose-estimation": CMSAForHeadPoseEstimation,
+}
+REGISTERED_HEADS = [(task, name) for task, heads in TASK_HEADS.items() for name in heads]
+
+
+def _model_with_head(task: str, name: str, seed: int = 1):
+    fields = {HEAD_FIELDS[task]: name} if task in HEAD_FIELDS else {}
+    torch.manual_seed(0)
+    return randomise_batch_norms(TASK_MODELS[task](tiny_config(**fields)), seed=seed).double().eval()
+
+
+def _targets(task: str, outputs: dict) -> dict:
+    if task == "image-classification":
+        return {"labels": torch.tensor([0, 2])}
+    if task == "keypoint-detection":
+        heatmaps = outputs["heatmaps"]
+        return {"target_heatmaps": torch.rand_like(heatmaps), "target_weights": torch.ones(heatmaps.shape[:2], dtype=heatmaps.dtype)}
+    return {"labels": torch.tensor([[30.0, -10.0, 5.0], [-60.0, 20.0, 0.0]], dtype=torch.float64)}
+
+
+def test_every_task_has_its_model_and_heads_registered():
+    assert set(TASK_HEADS) == set(TASK_MODELS) == {model.pipeline_task for model in TASK_MODELS.values()}
+    assert all(field in CMSAConfig.__annotations__ for field in HEAD_FIELDS.values())
+
+
+@pytest.mark.parametrize("task, name", REGISTERED_HEADS, ids=[f"{t}-{n}" for t, n in REGISTERED_HEADS])
+def test_every_registered_head_follows_the_protocol(task, name):
+    model = _model_with_head(task, name)
+    head = model.head
+    assert isinstance(head, CMSAHead) and type(head).__name__ == TASK_HEADS[task][name]
+    assert (model.cmsa.fusion is not None) == (head.reads == "fused") and head.reads in ("fused", "stages")
+    pixels = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    backbone = model.cmsa(pixels, output_hidden_states=True)
+    features = head.features(backbone)
+    if head.reads == "fused":
+        assert features.shape == (2, sum(model.config.hidden_sizes), 16, 16)
+    else:
+        assert [tuple(f.shape) for f in features] == [(2, 16, 16, 16), (2, 24, 8, 8), (2, 32, 4, 4)]
+    outputs = head(features)
+    assert isinstance(outputs, dict) and outputs and all(isinstance(v, torch.Tensor) for v in outputs.values())
+    full = model(pixels)
+    for key, value in outputs.items():  # the head's outputs are the model output's fields
+        torch.testing.assert_close(full[key], value)
+    loss = head.loss(**outputs, **_targets(task, outputs))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    mirrored = head.mirror(outputs)
+    assert {k: v.shape for k, v in mirrored.items()} == {k: v.shape for k, v in outputs.items()}
+    for key, value in head.mirror(mirrored).items():  # mirroring twice is the identity
+        torch.testing.assert_close(value, outputs[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("task, name", REGISTERED_HEADS, ids=[f"{t}-{n}" for t, n in REGISTERED_HEADS])
+def test_flip_test_helper_matches_the_previous_per_task_flip_tests(task, name):
+    """The flip test as each model computed it before `flip_test_average`: keypoints averaged the heatmaps with the
+    mirrored crop's flipped back (left / right swapped); head pose averaged the angles with the mirrored face's yaw
+    and roll negated, and (binned) the logits with its yaw and roll bins reversed. Classification averages logits."""
+    model = _model_with_head(task, name)
+    pixels = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        direct = model.cmsa(pixels, output_hidden_states=True)
+        mirrored = model.cmsa(pixels.flip(-1), output_hidden_states=True)
+        flipped = model(pixels, flip_test=True)
+    if task == "keypoint-detection":
+        expected = {"heatmaps": 0.5 * (model.head(direct.last_hidden_state)["heatmaps"] + flip_heatmaps_back(
+            model.head(mirrored.last_hidden_state)["heatmaps"], model.config.flip_pairs))}  # fmt: skip
+    elif task == "head-pose-estimation":
+        own, other = model.head(direct.hidden_states), model.head(mirrored.hidden_states)
+        expected = {"angles": 0.5 * (own["angles"] + mirror_angles(other["angles"]))}
+        if name == "binned":
+            expected["logits"] = 0.5 * (own["logits"] + CMSABinnedAngleHead.mirror_logits(other["logits"]))
+    else:
+        expected = {"logits": 0.5 * (model.head(direct.last_hidden_state)["logits"] + model.head(mirrored.last_hidden_state)["logits"])}
+    for key, value in expected.items():
+        torch.testing.assert_close(flipped[key], value, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_class", [CMSAModel, *TASK_MODELS.values()])
+def test_no_weight_decay_lists_biases_norms_and_attention_biases(model_class):
+    model = model_class(tiny_config())
+    exempt = model.no_weight_decay()
+    names = dict(model.named_parameters())
+    assert exempt <= set(names)
+    attention_biases = {n for n in names if n.endswith(".attention_bias")}
+    assert len(attention_biases) == sum(len(heads) for heads in model.config.num_heads)  # one table per group
+    norms = {f"{m}.{p}" for m, module in model.named_modules() if isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)) for p in ("weight", "bias")}
+    biases = {n for n in names if n.endswith(".bias")}
+    assert exempt == attention_biases | norms | biases
+    # The same parameters as the rule it replaced (1-D parameters and attention biases), which the README's runs used.
+    assert exempt == {n for n, p in names.items() if p.ndim <= 1 or n.endswith("attention_bias")}
+    assert not any(names[n].ndim > 1 and not n.endswith("attention_bias") for n in exempt)
+
+
+def test_no_weight_decay_collects_what_modules_declare():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(4, 4))
+            self.linear = nn.Linear(4, 4)
+
+        def no_weight_decay(self):
+            return {"gain"}
+
+    model = nn.Sequential(Scaled(), nn.GroupNorm(2, 4))
+    assert no_weight_decay_names(model) == {"0.gain", "0.linear.bias", "1.weight", "1.bias"}
+
+
+def test_a_classification_checkpoint_with_the_old_weight_names_loads(tmp_path, tiny):
+    """Before `CMSAClassificationHead`, the neck and classifier sat on the model (`neck.*`, `classifier.*`)."""
+    torch.manual_seed(0)
+    model = _nontrivial(CMSAForImageClassification(tiny)).eval()
+    model.save_pretrained(tmp_path / "new")
+    old_names = {re.sub(r"^head\.", "", key): value for key, value in model.state_dict().items()}
+    assert "neck.projection.conv.weight" in old_names and "classifier.weight" in old_names
+    (tmp_path / "old").mkdir()
+    save_file({k: v.contiguous() for k, v in old_names.items()}, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "old" / "config.json").write_text((tmp_path / "new" / "config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing initialised, nothing dropped
+        loaded, info = CMSAForImageClassification.from_pretrained(tmp_path / "old", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(pixels).logits, model(pixels).logits, rtol=0, atol=0)
+    loaded.save_pretrained(tmp_path / "resaved")  # saved under the current names
+    with safe_open(tmp_path / "resaved" / "model.safetensors", "pt") as saved:
+        assert set(saved.keys()) == set(model.state_dict())

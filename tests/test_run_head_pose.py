@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, launch_two_processes, make_aflw2000, tiny_config
+from conftest import REPO_ROOT, head_pose_args, launch_two_processes, make_aflw2000, tiny_config
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
@@ -24,30 +24,8 @@ sys.path.insert(0, str(SCRIPT.parent))
 import run_head_pose  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    return make_aflw2000(tmp_path_factory.mktemp("aflw") / "AFLW2000", count=8)
-
-
-@pytest.fixture(scope="module")
-def tiny_head_pose_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_head_pose")
-    torch.manual_seed(0)
-    CMSAForHeadPoseEstimation(tiny_config()).save_pretrained(folder)
-    return folder
-
-
-def script_args(faces, model, output_dir, *extra):
-    return [
-        "--train_data", str(faces), "--train_format", "aflw2000", "--validation_split_size", "3",
-        "--model_name_or_path", str(model), "--image_size", "16", "16", "--output_dir", str(output_dir),
-        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--num_warmup_steps", "1",
-        "--learning_rate", "1e-3", *extra,
-    ]  # fmt: skip
-
-
 def test_hub_ready_folder_and_card_hold_the_mae(faces, tiny_head_pose_model, tmp_path):
-    results = run_head_pose.main(script_args(faces, tiny_head_pose_model, tmp_path, "--max_train_steps", "2", "--flip_test"))
+    results = run_head_pose.main(head_pose_args(faces, tiny_head_pose_model, tmp_path, "--max_train_steps", "2", "--flip_test"))
     measured = json.loads((tmp_path / "all_results.json").read_text())
     assert measured == json.loads(json.dumps(results))
     assert measured["eval_samples"] == 3 and measured["train_samples"] == 5
@@ -68,10 +46,10 @@ def test_hub_ready_folder_and_card_hold_the_mae(faces, tiny_head_pose_model, tmp
 
 def test_resume_gives_the_same_weights(faces, tiny_head_pose_model, tmp_path):
     common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--seed", "5"]
-    run_head_pose.main(script_args(faces, tiny_head_pose_model, tmp_path / "full", *common))
+    run_head_pose.main(head_pose_args(faces, tiny_head_pose_model, tmp_path / "full", *common))
     partial = tmp_path / "partial"
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step_2", partial / "checkpoints" / "step_2")
-    run_head_pose.main(script_args(faces, tiny_head_pose_model, partial, *common, "--resume_from_checkpoint", "latest"))
+    run_head_pose.main(head_pose_args(faces, tiny_head_pose_model, partial, *common, "--resume_from_checkpoint", "latest"))
     expected, actual = load_file(tmp_path / "full" / "model.safetensors"), load_file(partial / "model.safetensors")
     for name in expected:
         assert torch.equal(actual[name], expected[name]), name
@@ -83,7 +61,7 @@ def test_two_processes_train_and_count_every_face_once(faces, tmp_path, head):
     folder = tmp_path / "model"
     torch.manual_seed(0)
     CMSAForHeadPoseEstimation(tiny_config(head_pose_head=head)).save_pretrained(folder)
-    launch_two_processes(SCRIPT, script_args(faces, folder, tmp_path / "out", "--max_train_steps", "2"))
+    launch_two_processes(SCRIPT, head_pose_args(faces, folder, tmp_path / "out", "--max_train_steps", "2"))
     measured = json.loads((tmp_path / "out" / "all_results.json").read_text())
     assert measured["eval_samples"] == 3
     assert {"eval_mirror_opposite_sign_yaw", "eval_mirror_opposite_sign_roll"} <= measured.keys()
@@ -91,7 +69,7 @@ def test_two_processes_train_and_count_every_face_once(faces, tmp_path, head):
 
 
 def test_a_new_model_takes_the_chosen_head(faces, tmp_path):
-    args = script_args(faces, "unused", tmp_path, "--max_train_steps", "1", "--head", "ssr", "--variant", "cmsa-s")
+    args = head_pose_args(faces, "unused", tmp_path, "--max_train_steps", "1", "--head", "ssr", "--variant", "cmsa-s")
     args[args.index("--model_name_or_path") : args.index("--model_name_or_path") + 2] = []
     args[args.index("--image_size") + 1 : args.index("--image_size") + 3] = ["32", "32"]
     run_head_pose.main(args)

@@ -51,7 +51,7 @@ def test_classifier_defaults_to_the_main_jobs_folder(tmp_path, monkeypatch):
     loaded, untrained = app.load_models()
     assert untrained == ["pose", "head pose"]
     assert loaded["classification"][0].config.id2label == {0: "zero", 1: "one"}
-    assert torch.equal(loaded["classification"][0].classifier.weight, model.classifier.weight)
+    assert torch.equal(loaded["classification"][0].head.classifier.weight, model.head.classifier.weight)
 
 
 def test_two_clicks_draw_the_box():

@@ -6,41 +6,22 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import make_aflw2000, tiny_config
+from conftest import head_pose_args
 from safetensors.torch import load_file
 
-from cmsa_hf import CMSAForHeadPoseEstimation
 from cmsa_hf.tasks import HeadPoseTask, Task, parse_args, run
 
 
-@pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    return make_aflw2000(tmp_path_factory.mktemp("aflw") / "AFLW2000", count=8)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_head_pose")
-    torch.manual_seed(0)
-    CMSAForHeadPoseEstimation(tiny_config()).save_pretrained(folder)
-    return folder
-
-
 def run_args(faces, model, output_dir, *extra):
-    return [
-        "--train_data", str(faces), "--train_format", "aflw2000", "--validation_split_size", "3",
-        "--model_name_or_path", str(model), "--image_size", "16", "16", "--output_dir", str(output_dir),
-        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--num_warmup_steps", "1",
-        "--learning_rate", "1e-3", "--max_train_steps", "4", "--seed", "2", "--flip_test", *extra,
-    ]  # fmt: skip
+    return head_pose_args(faces, model, output_dir, "--max_train_steps", "4", "--seed", "2", "--flip_test", *extra)
 
 
-def test_a_zero_time_budget_stops_after_the_first_step_and_resumes_exactly(faces, tiny_model, tmp_path):
-    full = run(HeadPoseTask(), run_args(faces, tiny_model, tmp_path / "full"))
+def test_a_zero_time_budget_stops_after_the_first_step_and_resumes_exactly(faces, tiny_head_pose_model, tmp_path):
+    full = run(HeadPoseTask(), run_args(faces, tiny_head_pose_model, tmp_path / "full"))
     assert full["train_steps"] == 4 and "train_stopped_by_time_budget" not in full  # outputs unchanged without it
 
     stopped_dir = tmp_path / "stopped"
-    stopped = run(HeadPoseTask(), run_args(faces, tiny_model, stopped_dir, "--time_budget_s", "0", "--checkpointing_steps", "100"))
+    stopped = run(HeadPoseTask(), run_args(faces, tiny_head_pose_model, stopped_dir, "--time_budget_s", "0", "--checkpointing_steps", "100"))
     assert stopped["train_steps"] == 1 and stopped["train_stopped_by_time_budget"] is True
     assert json.loads((stopped_dir / "all_results.json").read_text()) == stopped  # evaluated and saved all the same
     assert (stopped_dir / "model.safetensors").is_file() and stopped["eval_samples"] == 3
@@ -49,14 +30,14 @@ def test_a_zero_time_budget_stops_after_the_first_step_and_resumes_exactly(faces
     # The resumed run counts its own time only: a fresh budget lets it finish, on the uninterrupted weights.
     resumed = run(
         HeadPoseTask(),
-        run_args(faces, tiny_model, stopped_dir, "--time_budget_s", "3600", "--resume_from_checkpoint", "latest"),
+        run_args(faces, tiny_head_pose_model, stopped_dir, "--time_budget_s", "3600", "--resume_from_checkpoint", "latest"),
     )
     assert resumed["train_steps"] == 4 and resumed["train_stopped_by_time_budget"] is False
     expected, actual = load_file(tmp_path / "full" / "model.safetensors"), load_file(stopped_dir / "model.safetensors")
     assert all(torch.equal(actual[name], expected[name]) for name in expected)
 
 
-def test_torch_compile_trains_through_the_compiled_module(faces, tiny_model, tmp_path):
+def test_torch_compile_trains_through_the_compiled_module(faces, tiny_head_pose_model, tmp_path):
     """Compiled with dynamo's eager backend (inductor's code generation takes minutes on a CPU); the training steps
     run through the compiled module, the evaluation through the plain one, and the weights match an eager run."""
     compile_ = torch.compile
@@ -66,9 +47,9 @@ def test_torch_compile_trains_through_the_compiled_module(faces, tiny_model, tmp
         compiled.append(compile_(model, backend="eager"))
         return compiled[-1]
 
-    eager = run(HeadPoseTask(), run_args(faces, tiny_model, tmp_path / "eager", "--max_train_steps", "2"))
+    eager = run(HeadPoseTask(), run_args(faces, tiny_head_pose_model, tmp_path / "eager", "--max_train_steps", "2"))
     with mock.patch("torch.compile", side_effect=eager_backend_compile) as patched:
-        results = run(HeadPoseTask(), run_args(faces, tiny_model, tmp_path / "compiled", "--max_train_steps", "2", "--torch_compile"))
+        results = run(HeadPoseTask(), run_args(faces, tiny_head_pose_model, tmp_path / "compiled", "--max_train_steps", "2", "--torch_compile"))
     patched.assert_called_once()
     assert results["train_steps"] == 2 and results["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
     expected, actual = load_file(tmp_path / "eager" / "model.safetensors"), load_file(tmp_path / "compiled" / "model.safetensors")

@@ -144,6 +144,12 @@ def keypoint_category(coco: dict, annotation_file) -> dict:
     return categories[0]
 
 
+def read_keypoint_category(annotation_file) -> dict:
+    """The keypoint category record of a COCO keypoints file (`keypoint_category`): its `id` (the results'
+    `category_id`), `name` and `keypoints`."""
+    return keypoint_category(_read_json(annotation_file, "COCO annotation file"), annotation_file)
+
+
 def keypoint_metadata(annotation_file=None, metadata_file=None) -> dict:
     """`CMSAConfig` keypoint fields: those of a COCO keypoints file (`keypoint_names` and `skeleton` from its keypoint
     category, COCO's 1-based skeleton made 0-based, and `flip_pairs` read from "left" / "right" in the names,

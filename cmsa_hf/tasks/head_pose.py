@@ -6,12 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import evaluation
 from ..configuration_cmsa import HEAD_POSE_HEADS
 from ..data.head_pose import DATA_FORMATS
 from ..data.transforms import HeadPoseTransform
 from ..hub import head_pose_card
 from ..image_processing_cmsa import CMSAImageProcessor
-from ..metrics import head_pose_mae, head_pose_report, mirror_sign_agreement
+from ..metrics import head_pose_report, mirror_sign_agreement
 from ..modeling_cmsa import CMSAForHeadPoseEstimation
 from .base import Task
 
@@ -76,7 +77,7 @@ class HeadPoseTask(Task):
 
         model = parser.add_argument_group("head")
         model.add_argument(
-            "--head", choices=HEAD_POSE_HEADS, default=None, help="Angle head (default: binned, or the checkpoint's)."
+            "--head", choices=HEAD_POSE_HEADS, default=None, help="Angle head (default: ssr, the paper's, or the checkpoint's)."
         )
         model.add_argument(
             "--regression_weight", type=float, default=None, help="alpha of the binned loss CE + alpha * MSE (2)."
@@ -123,12 +124,13 @@ class HeadPoseTask(Task):
         return {"angles": angles.float(), "mirrored": mirrored.float(), "labels": batch["labels"]}
 
     def compute_metrics(self, args, outputs, name):
-        """MAE per angle and mean over the whole split, the MAE of always predicting the training mean (the baseline
+        """MAE per angle and mean over the whole split (the `cmsa_head_pose_mae` module), the MAE of always predicting the training mean (the baseline
         any model must beat), and, without flip test (which makes it 1 by construction), how often the mirrored
         face's yaw / roll comes out with the opposite sign."""
         predicted, truth = outputs["angles"].numpy(), outputs["labels"].numpy()
-        mae = head_pose_mae(predicted, truth)
-        baseline = head_pose_mae(np.broadcast_to(self.training_mean, truth.shape), truth)
+        head_pose_mae = evaluation.load("cmsa_head_pose_mae")
+        mae = head_pose_mae.compute(predictions=predicted, references=truth)
+        baseline = head_pose_mae.compute(predictions=np.broadcast_to(self.training_mean, truth.shape), references=truth)
         print(head_pose_report({"model": mae, "training mean (baseline)": baseline}))
         metrics = {"eval_mae": mae["mean"], **{f"eval_mae_{k}": v for k, v in mae.items() if k != "mean"}}
         if not args.flip_test:

@@ -4,11 +4,11 @@ recipe for CIFAR (mixup / cutmix, label smoothing, random crop + flip, random er
 import torch
 import torch.nn.functional as F
 
+from .. import evaluation
 from ..data.image_classification import card_data_fields, load_splits, prepare_splits
 from ..data.transforms import ClassificationTransform, mix_batch
 from ..hub import image_classification_card
 from ..image_processing_cmsa import CMSAImageProcessor
-from ..metrics import top_k_accuracy
 from ..modeling_cmsa import CMSAForImageClassification
 from .base import Task
 
@@ -99,11 +99,12 @@ class ImageClassificationTask(Task):
         return {"logits": model(pixel_values=batch["pixel_values"]).logits.float(), "labels": batch["labels"]}
 
     def compute_metrics(self, args, outputs, name):
-        """Top-1, top-5 and cross-entropy over the whole split."""
+        """Top-1 and top-5 (the `cmsa_accuracy` module) and cross-entropy over the whole split."""
         logits, labels = outputs["logits"], outputs["labels"]
+        accuracy = evaluation.load("cmsa_accuracy").compute(predictions=logits, references=labels, top_k=(1, 5))
         return {
-            "eval_accuracy": round(top_k_accuracy(logits, labels, 1), 4),
-            "eval_top5_accuracy": round(top_k_accuracy(logits, labels, 5), 4),
+            "eval_accuracy": round(accuracy["accuracy"], 4),
+            "eval_top5_accuracy": round(accuracy["top5_accuracy"], 4),
             "eval_loss": round(F.cross_entropy(logits, labels).item(), 4),
             "eval_samples": int(labels.numel()),
         }

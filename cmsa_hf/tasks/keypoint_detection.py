@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from ..codecs import DECODERS
-from ..data.coco import keypoint_metadata, load_coco_keypoints
+from .. import evaluation
+from ..data.coco import keypoint_metadata, load_coco_keypoints, read_keypoint_category
 from ..data.transforms import TopDownTransform
 from ..hub import keypoint_detection_card
 from ..image_processing_cmsa import CMSAImageProcessor
-from ..metrics import coco_keypoint_ap, coco_keypoint_results, oks_nms_per_image, pck
+from ..metrics import OKS_NMS_THRESHOLD
 from ..modeling_cmsa import CMSAForKeypointDetection
 from .base import Task
 
@@ -96,6 +97,7 @@ class KeypointDetectionTask(Task):
             args.detections_file,
             args.min_detection_score,
         )
+        self.category = read_keypoint_category(self.eval_annotation_file)
         return {"train": train, "validation": self.eval_set}
 
     def create_model(self, args, data=None):
@@ -134,41 +136,41 @@ class KeypointDetectionTask(Task):
         return {"keypoints": keypoints, "scores": scores, "sample_index": batch["sample_index"], "loss": loss}
 
     def compute_metrics(self, args, outputs, name):
-        """Map the decoded crops back to the images, write the COCO results json `<name>_keypoint_results.json` (OKS
-        NMS per image for detected boxes) and score it with COCOeval and the set's OKS sigmas over every image of the split (all images of the
-        annotation file, or those of the `--max_eval_samples` subset); with ground-truth boxes also PCK@0.05 (of the
-        box diagonal) and the heatmap loss."""
+        """Map the decoded crops back to the images and score them with the `cmsa_coco_keypoints` module: COCOeval
+        with the set's OKS sigmas over every image of the split (all images of the annotation file, or those of the
+        `--max_eval_samples` subset), OKS NMS per image for detected boxes, the results json written to
+        `<name>_keypoint_results.json`. With ground-truth boxes also PCK@0.05 of the box diagonal (`cmsa_pck`) and
+        the heatmap loss."""
         rows = self.eval_set.select(outputs["sample_index"].tolist())
         keypoints, scores = outputs["keypoints"], outputs["scores"]
         boxes = [[box] for box in rows["box"]]
         poses = [image_poses[0] for image_poses in self.processor.crop_keypoints_to_image(keypoints, scores, boxes)]
         image_keypoints = np.stack([pose["keypoints"].numpy() for pose in poses])
-        image_ids = np.asarray(rows["image_id"])
-        results = coco_keypoint_results(image_ids, image_keypoints, scores.numpy(), np.asarray(rows["score"]))
-        if args.detections_file:  # the detected-box protocol: OKS NMS among the rescored poses of each image
-            areas = np.asarray([w * h for _, _, w, h in rows["box"]])
-            scores_after_rescoring = np.asarray([result["score"] for result in results])
-            keep = oks_nms_per_image(image_ids, image_keypoints, scores_after_rescoring, areas, sigmas=self.sigmas)
-            results = [results[i] for i in keep]
         evaluated_images = sorted(set(rows["image_id"])) if args.max_eval_samples is not None else None
-        results_file = Path(args.output_dir) / f"{name}_keypoint_results.json"
-        coco = coco_keypoint_ap(
-            self.eval_annotation_file, results, results_file, image_ids=evaluated_images, sigmas=self.sigmas
-        )
-        metrics = {f"eval_{key}": round(value, 4) for key, value in coco.items()}
+        coco = evaluation.load("cmsa_coco_keypoints", annotation_file=self.eval_annotation_file, image_ids=evaluated_images)
+        average_precision = coco.compute(
+            image_ids=rows["image_id"], keypoints=image_keypoints, keypoint_scores=scores.numpy(), boxes=rows["box"],
+            box_scores=rows["score"], oks_nms_threshold=OKS_NMS_THRESHOLD if args.detections_file else None,
+            results_file=Path(args.output_dir) / f"{name}_keypoint_results.json", sigmas=self.sigmas,
+            category_id=self.category["id"],
+        )  # fmt: skip
+        metrics = {f"eval_{key}": round(value, 4) for key, value in average_precision.items()}
         metrics["eval_samples"] = int(len(rows))
         if not args.detections_file:
-            truth = np.stack([np.asarray(points) for points in rows["keypoints"]])
-            visibility = np.stack([np.asarray(v) for v in rows["visibility"]])
-            diagonal = np.asarray([math.hypot(w, h) for _, _, w, h in rows["box"]])
-            metrics["eval_pck"] = round(pck(image_keypoints, truth, visibility, diagonal, 0.05), 4)
+            diagonals = [math.hypot(w, h) for _, _, w, h in rows["box"]]
+            correct = evaluation.load("cmsa_pck").compute(
+                predictions=image_keypoints, references=rows["keypoints"], visible=rows["visibility"],
+                normalizer=diagonals, threshold=0.05,
+            )  # fmt: skip
+            metrics["eval_pck"] = round(correct["pck"], 4)
             metrics["eval_loss"] = round(outputs["loss"].mean().item(), 6)
         return metrics
 
     def card_fields(self, args):
         return {
             "dataset_name": args.dataset_name,
-            "dataset_description": f"COCO person keypoints from `{Path(args.train_annotation_file).name}`",
+            "dataset_description": f"COCO-format {self.category.get('name', 'keypoint')} keypoints "
+            f"({len(self.category['keypoints'])} points) from `{Path(args.train_annotation_file).name}`",
             "eval_description": self._describe_evaluation(args),
             "eval_split": "validation" if args.validation_annotation_file else "train",
             "box_padding": args.box_padding,

@@ -43,6 +43,15 @@ class ScriptArguments:
     random_erasing_probability: float = 0.0  # off for fine-tuning (the from-scratch recipe's is RECIPE's)
 
 
+class CMSATrainer(Trainer):
+    """`Trainer` with the model's own weight-decay exemptions (`no_weight_decay()`, as the Accelerate scripts use):
+    Trainer's rule (names containing "bias" or "norm", LayerNorm modules) would decay the BatchNorm scales."""
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        exempt = model.no_weight_decay()
+        return [name for name, _ in model.named_parameters() if name not in exempt]
+
+
 class AugmentationEpoch(TrainerCallback):
     """Tells the per-sample-seeded augmentation which epoch it is in, so each epoch draws new augmentations."""
 
@@ -91,7 +100,7 @@ def main(argv=None):
         crop_padding=script_args.crop_padding, hflip_probability=script_args.hflip_probability,
         random_erasing_probability=script_args.random_erasing_probability,
     )  # fmt: skip
-    trainer = Trainer(
+    trainer = CMSATrainer(
         model=model,
         args=training_args,
         train_dataset=splits["train"].with_transform(train_transform),
