@@ -268,7 +268,7 @@ class CMSAWindowAttention(nn.Module):
             weights = scores.softmax(dim=-1).view(batch, rows * cols, heads, window_h * window_w, kv_h * kv_w)
             context = torch.matmul(weights.flatten(0, 1), value)
         else:
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scale)
+            context = self._fused_attention(query, key, value, bias)
         weights = weights if output_attentions else None
 
         # Back to a (batch, heads * value_dim, H, W) map, laid out as the input was (channels_last stays so, which
@@ -278,6 +278,17 @@ class CMSAWindowAttention(nn.Module):
             context = context.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, heads * self.value_dim)
             return context.permute(0, 3, 1, 2), weights
         return context.permute(0, 3, 6, 1, 4, 2, 5).reshape(batch, heads * self.value_dim, height, width), weights
+
+
+    def _fused_attention(self, query, key, value, bias) -> torch.Tensor:
+        """SDPA in a form its fused kernels take: queries and keys zero-padded to the value dim (the dot products do
+        not change) and the bias as a 4-D mask. On CPU the fused (flash) kernel computes no gradient for the mask, so
+        a training step there, where the bias learns, keeps the plain shapes (SDPA's math path, no padding work)."""
+        if query.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scale)
+        padding = (0, self.value_dim - self.key_dim)
+        query, key = F.pad(query, padding), F.pad(key, padding)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias.unsqueeze(0), scale=self.scale)
 
 
 class CMSACascadedAttention(nn.Module):
