@@ -25,15 +25,19 @@ from torch.utils.data import DataLoader
 
 
 DEFAULT_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train.zip"
-MODELS = ["cmsa-s", "resnet18-cifar"]
+MODELS = ["cmsa-s", "cmsa-s-checkpointed", "resnet18-cifar"]
 
 
 def build_model(name: str, num_labels: int):
-    """CMSA-S at 32x32, or ResNet-18 from transformers with the usual CIFAR stem (3x3 stride-1 conv, no max-pool)."""
-    if name == "cmsa-s":
+    """CMSA-S at 32x32 (`-checkpointed`: with activation checkpointing per block), or ResNet-18 from transformers
+    with the usual CIFAR stem (3x3 stride-1 conv, no max-pool)."""
+    if name.startswith("cmsa-s"):
         from cmsa_hf import CMSAConfig, CMSAForImageClassification
 
-        return CMSAForImageClassification(CMSAConfig.from_variant("cmsa-s", image_size=(32, 32), num_labels=num_labels))
+        model = CMSAForImageClassification(CMSAConfig.from_variant("cmsa-s", image_size=(32, 32), num_labels=num_labels))
+        if name.endswith("-checkpointed"):
+            model.activation_checkpointing_enable()
+        return model
     from transformers import ResNetConfig, ResNetForImageClassification
     from transformers.models.resnet.modeling_resnet import ResNetConvLayer
 

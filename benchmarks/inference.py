@@ -4,7 +4,9 @@
     python benchmarks/inference.py --device cuda --output_dir benchmarks/results-cuda   # on a GPU
 
 For each input size (32x24 and 64x48: CMSAForKeypointDetection; 32x32: CMSAForImageClassification, 100 labels):
-CMSA S / B / L on their inference paths, and peers with random weights at the same input size: ViTPose-B (the
+CMSA S / B / L on their inference paths, at the pose sizes the authors' released structure of each variant
+(`authors_structure.py`: their layout, per-window Python loops, no reparameterization; every CMSA row gets its ratio
+to it, `vs authors`), and peers with random weights at the same input size: ViTPose-B (the
 paper's peer, VitPoseForPoseEstimation with its default ViT-B backbone), Swin-T, ResNet-50 and LeViT-128S.
 Every model at one input size is timed interleaved (round-robin over the models, `--repeats` rounds, after
 warm-up), so a slow spell of a noisy machine hits all of them alike; the figures are medians over the rounds.
@@ -21,6 +23,7 @@ import ctypes
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -45,9 +48,13 @@ from transformers import (
 from cmsa_hf import CMSAConfig, CMSAForImageClassification, CMSAForKeypointDetection
 from cmsa_hf.hub import count_flops
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from authors_structure import AuthorsStructureCMSA  # noqa: E402
+
 INPUT_SIZES = [(32, 24), (64, 48), (32, 32)]
 VARIANTS = ["cmsa-s", "cmsa-b", "cmsa-l"]
 BASELINE_PATH = "eager multi-branch"
+AUTHORS_PATH = "authors' structure (eager)"
 
 
 # --------------------------------------------------------------------------------------------------- models
@@ -59,7 +66,7 @@ class Candidate:
 
     name: str
     path: str
-    family: str  # "cmsa" or "peer"
+    family: str  # "cmsa", "authors" (their structure of a CMSA variant) or "peer"
     parameters: int
     flops_per_image: int
     input_size: tuple[int, int]
@@ -133,7 +140,7 @@ def cmsa_candidates(variant, input_size, args, device) -> list[Candidate]:
     model_class = CMSAForImageClassification if input_size[0] == input_size[1] else CMSAForKeypointDetection
     torch.manual_seed(0)
     multi_branch = model_class(CMSAConfig.from_variant(variant, image_size=input_size, num_labels=100)).eval()
-    _calibrate_batch_norms(multi_branch)
+    _calibrate_batch_norms(multi_branch, input_size)
     reparameterized = copy.deepcopy(multi_branch).reparameterize()
     flops = {model: count_flops(model) for model in (multi_branch, reparameterized)}  # modules hash by identity
     name = f"CMSA-{variant[-1].upper()}"
@@ -157,10 +164,24 @@ def cmsa_candidates(variant, input_size, args, device) -> list[Candidate]:
                 copied.config._attn_implementation = attention
             runner = torch_runner(torch.compile(copied) if compiled else copied, input_size, device, channels_last, autocast_dtype)
         candidates.append(Candidate(name, path, "cmsa", model.num_parameters(), flops[model], input_size, runner=runner))
+    if model_class is CMSAForKeypointDetection and multi_branch.config.stem_stride == 1:
+        candidates.append(authors_candidate(name, multi_branch.config, device))
     return candidates
 
 
-def _calibrate_batch_norms(model):
+def authors_candidate(name, config, device) -> Candidate:
+    """The authors' structure of `config`'s variant (17 heatmaps), eager fp32 NCHW, BatchNorms calibrated alike."""
+    torch.manual_seed(0)
+    model = AuthorsStructureCMSA.from_config(config, num_outputs=config.num_labels).eval()
+    _calibrate_batch_norms(model, config.image_size)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, *config.image_size))
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    runner = torch_runner(model, config.image_size, device)
+    return Candidate(name, AUTHORS_PATH, "authors", parameters, counter.get_total_flops(), tuple(config.image_size), runner=runner)
+
+
+def _calibrate_batch_norms(model, input_size):
     """Running statistics from a few random batches (an untrained net with unit statistics overflows float32
     in its attention logits, which would time a different softmax workload than a trained model's)."""
     for module in model.modules():
@@ -170,7 +191,7 @@ def _calibrate_batch_norms(model):
     model.train()
     with torch.no_grad():
         for _ in range(2):
-            model(pixel_values=torch.randn(16, 3, *model.config.image_size))
+            model(pixel_values=torch.randn(16, 3, *input_size))
     model.eval()
 
 
@@ -292,26 +313,30 @@ def measure(candidates, args, device, peak_gflops) -> list[dict]:
         )
         rows.append(row)
     baselines = {row["name"]: row["throughput"] for row in rows if row["path"] == BASELINE_PATH}
+    authors = {row["name"]: row["throughput"] for row in rows if row["family"] == "authors"}
     for row in rows:
-        if row["name"] in baselines:
+        if row["family"] == "cmsa" and row["name"] in baselines:
             row["speedup_vs_eager"] = row["throughput"] / baselines[row["name"]]
+        if row["family"] == "cmsa" and row["name"] in authors:
+            row["speedup_vs_authors"] = row["throughput"] / authors[row["name"]]
     return rows
 
 
 def markdown_table(rows, batch_size) -> str:
     lines = [
         f"| model | path | input | params (M) | GFLOPs / image | latency b=1 (ms) | throughput b={batch_size} "
-        f"(img/s) | vs eager | peak memory (MiB) | GFLOP/s | of matmul |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"(img/s) | vs eager | vs authors | peak memory (MiB) | GFLOP/s | of matmul |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         speedup = f"{row['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in row else ""
+        versus_authors = f"{row['speedup_vs_authors']:.2f}x" if "speedup_vs_authors" in row else ""
         memory = f"{row['memory_mib']:.0f}" if row["memory_mib"] is not None else "n/a"
         note = f" ({row['note']})" if row["note"] else ""
         lines.append(
             f"| {row['name']}{note} | {row['path']} | {row['input_size'][0]}x{row['input_size'][1]} | "
             f"{row['parameters'] / 1e6:.2f} | {row['flops_per_image'] / 1e9:.3f} | {row['latency_ms']:.1f} | "
-            f"{row['throughput']:.1f} | {speedup} | {memory} | {row['achieved_gflops']:.1f} | "
+            f"{row['throughput']:.1f} | {speedup} | {versus_authors} | {memory} | {row['achieved_gflops']:.1f} | "
             f"{100 * row['matmul_fraction']:.0f}% |"
         )
     return "\n".join(lines)
@@ -322,8 +347,8 @@ def summary_table(rows, batch_size) -> str:
     its speed-up, and reparameterization's alone), then the peers."""
     lines = [
         f"| input | model | path | params (M) | GFLOPs / image | latency b=1 (ms) | throughput b={batch_size} (img/s) | "
-        "speed-up (reparameterized alone) | GFLOP/s (of matmul) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "speed-up (reparameterized alone) | vs authors' structure | GFLOP/s (of matmul) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for size in dict.fromkeys(tuple(row["group"]) for row in rows):
         group = [row for row in rows if tuple(row["group"]) == size]
@@ -336,10 +361,12 @@ def summary_table(rows, batch_size) -> str:
                 speedup = f"{row['speedup_vs_eager']:.2f}x"
                 if row["name"] in reparameterized:
                     speedup += f" ({reparameterized[row['name']]['speedup_vs_eager']:.2f}x)"
+            versus_authors = f"{row['speedup_vs_authors']:.2f}x" if "speedup_vs_authors" in row else ""
             name = row["name"] + (f" ({row['note']})" if row["note"] else "")
             lines.append(
                 f"| {size[0]}x{size[1]} | {name} | {row['path']} | {row['parameters'] / 1e6:.2f} | "
                 f"{row['flops_per_image'] / 1e9:.3f} | {row['latency_ms']:.1f} | {row['throughput']:.1f} | {speedup} | "
+                f"{versus_authors} | "
                 f"{row['achieved_gflops']:.0f} ({100 * row['matmul_fraction']:.0f}%) |"
             )
     return "\n".join(lines)
@@ -374,7 +401,7 @@ def plot(rows, path: Path):
             fastest = row["family"] == "cmsa" and row.get("fastest")
             if row["family"] == "cmsa" and not fastest and row["path"] != BASELINE_PATH:
                 continue
-            marker, color = ("o", "tab:blue") if row["family"] == "cmsa" else ("s", "tab:gray")
+            marker, color = {"cmsa": ("o", "tab:blue"), "authors": ("^", "tab:green")}.get(row["family"], ("s", "tab:gray"))
             if row["family"] == "cmsa" and not fastest:
                 color = "tab:orange"
             axis.scatter(row["parameters"] / 1e6, row["throughput"], marker=marker, color=color)
@@ -388,6 +415,7 @@ def plot(rows, path: Path):
         axis.grid(True, which="both", alpha=0.3)
     axes[0][0].scatter([], [], marker="o", color="tab:blue", label="CMSA, fastest path")
     axes[0][0].scatter([], [], marker="o", color="tab:orange", label="CMSA, eager multi-branch")
+    axes[0][0].scatter([], [], marker="^", color="tab:green", label="CMSA, the authors' structure (eager)")
     axes[0][0].scatter([], [], marker="s", color="tab:gray", label="peer (eager)")
     axes[0][0].legend(fontsize=8, loc="lower left")
     figure.tight_layout()

@@ -6,6 +6,7 @@ multi-stage fusion -> `CMSAModel` -> task heads. Where the paper is vague it fol
 code (github.com/xyongLu/CMSA, `models/cmasformer.py`); see `configuration_cmsa.py` for the numbers.
 """
 
+import contextlib
 import difflib
 import inspect
 import math
@@ -22,7 +23,6 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.dynamic_module_utils import custom_object_save
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput, TransformersKwargs
 
@@ -268,7 +268,7 @@ class CMSAWindowAttention(nn.Module):
             weights = scores.softmax(dim=-1).view(batch, rows * cols, heads, window_h * window_w, kv_h * kv_w)
             context = torch.matmul(weights.flatten(0, 1), value)
         else:
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scale)
+            context = self._fused_attention(query, key, value, bias)
         weights = weights if output_attentions else None
 
         # Back to a (batch, heads * value_dim, H, W) map, laid out as the input was (channels_last stays so, which
@@ -278,6 +278,17 @@ class CMSAWindowAttention(nn.Module):
             context = context.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, heads * self.value_dim)
             return context.permute(0, 3, 1, 2), weights
         return context.permute(0, 3, 6, 1, 4, 2, 5).reshape(batch, heads * self.value_dim, height, width), weights
+
+
+    def _fused_attention(self, query, key, value, bias) -> torch.Tensor:
+        """SDPA in a form its fused kernels take: queries and keys zero-padded to the value dim (the dot products do
+        not change) and the bias as a 4-D mask. On CPU the fused (flash) kernel computes no gradient for the mask, so
+        a training step there, where the bias learns, keeps the plain shapes (SDPA's math path, no padding work)."""
+        if query.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scale)
+        padding = (0, self.value_dim - self.key_dim)
+        query, key = F.pad(query, padding), F.pad(key, padding)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias.unsqueeze(0), scale=self.scale)
 
 
 class CMSACascadedAttention(nn.Module):
@@ -379,8 +390,29 @@ class CMSAMlp(nn.Module):
         return self.fc2(self.activation(self.fc1(hidden_states)))
 
 
-class CMSABlock(GradientCheckpointingLayer):
-    """x = PE(x); x = x + DropPath(CMSA(BN(x))); x = x + DropPath(MLP(LN(x))). Shapes: (batch, C, H, W)."""
+@contextlib.contextmanager
+def batch_norm_statistics_kept(module: nn.Module):
+    """Restore the running statistics of `module`'s BatchNorms on exit (a replayed forward must not count twice)."""
+    buffers = [buffer for norm in module.modules() if isinstance(norm, nn.modules.batchnorm._BatchNorm)
+               for buffer in norm.buffers()]  # fmt: skip
+    saved = [buffer.clone() for buffer in buffers]
+    try:
+        yield
+    finally:
+        for buffer, value in zip(buffers, saved):
+            buffer.copy_(value)
+
+
+class CMSABlock(nn.Module):
+    """x = PE(x); x = x + DropPath(CMSA(BN(x))); x = x + DropPath(MLP(LN(x))). Shapes: (batch, C, H, W).
+
+    With activation checkpointing on (`model.activation_checkpointing_enable()`, the Trainer's
+    `gradient_checkpointing`, or `--gradient_checkpointing`), a training forward keeps only the block's input and
+    the backward pass recomputes the rest. The recomputation leaves the BatchNorm running statistics as the forward
+    pass left them, so a checkpointed run is the same run (losses, gradients and statistics), in less memory.
+    """
+
+    gradient_checkpointing = False  # set with `_gradient_checkpointing_func` by `activation_checkpointing_enable()`
 
     def __init__(self, config: CMSAConfig, stage: int, drop_path_rate: float):
         super().__init__()
@@ -397,6 +429,19 @@ class CMSABlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
         """-> (hidden_states, attention weights or None), see `CMSACascadedAttention.forward`."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            calls = 0
+
+            def forward_then_replays(*args):
+                nonlocal calls
+                calls += 1
+                with batch_norm_statistics_kept(self) if calls > 1 else contextlib.nullcontext():
+                    return self._forward(*args)
+
+            return self._gradient_checkpointing_func(forward_then_replays, hidden_states, output_attentions)
+        return self._forward(hidden_states, output_attentions)
+
+    def _forward(self, hidden_states: torch.Tensor, output_attentions: bool):
         hidden_states = self.position_encoding(hidden_states)
         attention, attention_weights = self.attention(self.attention_norm(hidden_states), output_attentions)
         hidden_states = hidden_states + drop_path(attention, self.drop_path_rate, self.training)

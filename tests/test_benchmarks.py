@@ -3,8 +3,14 @@
 import importlib.util
 import json
 
+import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, SHARED_DATA
+from safetensors.torch import load_file
+
+from cmsa_hf.convert_cmsa_original_to_hf import load_original_state_dict, original_config
+
+AUTHORS_FIXTURE = SHARED_DATA / "authors-checkpoint"
 
 
 def load_script(name):
@@ -24,16 +30,20 @@ def test_inference_benchmark_writes_json_table_and_plot(tmp_path):
     )  # fmt: skip
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["rows"]
-    assert [row["path"] for row in rows] == paths
+    assert [row["path"] for row in rows] == [*paths, inference.AUTHORS_PATH]
+    authors = rows.pop()
+    assert authors["family"] == "authors" and authors["throughput"] > 0 and "speedup_vs_eager" not in authors
     assert results["machine"]["matmul_gflops"] > 0 and results["machine"]["threads"] == torch.get_num_threads()
     for row in rows:
         assert len(row["batch_seconds"]) == 2 and row["throughput"] > 0 and row["flops_per_image"] > 0
         assert row["speedup_vs_eager"] > 0 and row["memory_mib"] is not None
+        assert row["speedup_vs_authors"] == row["throughput"] / authors["throughput"]
     assert rows[0]["speedup_vs_eager"] == 1.0
     assert rows[1]["parameters"] < rows[0]["parameters"]  # the reparameterized form is smaller
     assert sum(row.get("fastest", False) for row in rows) == 1
     table = (tmp_path / "results.md").read_text()
     assert "| CMSA-S | reparameterized + channels_last | 32x24 |" in table
+    assert f"| CMSA-S | {inference.AUTHORS_PATH} | 32x24 |" in table
     assert (tmp_path / "throughput_vs_parameters.png").stat().st_size > 0
 
 
@@ -47,3 +57,17 @@ def test_model_stats_reproduces_the_papers_parameter_counts():
             model = model_class(CMSAConfig.from_variant(variant))
             counted = model_stats.paper_parameter_count(model)
             assert counted < model.num_parameters() and round(counted / 1e6, 1) == millions, (variant, counted)
+
+
+@pytest.mark.skipif(not AUTHORS_FIXTURE.is_dir(), reason=f"{AUTHORS_FIXTURE} (../shared) is absent")
+def test_authors_structure_loads_their_checkpoint_and_reproduces_their_heatmaps():
+    """The benchmark's peer is their network: their tensors load with strict=True and give their outputs."""
+    fixture = AUTHORS_FIXTURE
+    authors_structure = load_script("authors_structure")
+    model = authors_structure.AuthorsStructureCMSA.from_config(original_config("cmsa-s"), num_outputs=17)
+    model.load_state_dict(load_original_state_dict(fixture / "cmsa_s_32x24_random_init.pth"), strict=True)
+    expected = load_file(fixture / "cmsa_s_32x24_expected_outputs.safetensors")
+    with torch.no_grad():
+        heatmaps = model.double().eval()(expected["pixel_values"])
+    relative = ((heatmaps - expected["heatmaps"]).abs().max() / expected["heatmaps"].abs().max()).item()
+    assert relative <= 1e-8, relative

@@ -219,23 +219,42 @@ def test_sdpa_and_eager_models_agree(tiny):
     torch.testing.assert_close(sdpa, eager, rtol=1e-4, atol=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+def test_activation_checkpointing_is_the_same_run_in_less_memory():
+    """Three AdamW steps with stochastic depth: the same losses, weights and BatchNorm statistics (the backward's
+    recomputation must not update them a second time), from a fraction of the saved activations."""
+    config = tiny_config(depths=[2, 2, 1], drop_path_rate=0.2)
     torch.manual_seed(0)
-    model = CMSAForImageClassification(tiny).train()
+    reference = CMSAForImageClassification(config).train()
+    checkpointed = copy.deepcopy(reference)
+    checkpointed.activation_checkpointing_enable()
+    assert all(block.gradient_checkpointing for block in checkpointed.modules() if isinstance(block, CMSABlock))
     pixels, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 1])
 
-    def gradients(m):
-        m.zero_grad()
-        m(pixels, labels=labels).loss.backward()
-        return {name: p.grad.clone() for name, p in m.named_parameters() if p.grad is not None}
+    def train(model) -> tuple[list[float], int]:
+        torch.manual_seed(1)  # the stochastic-depth masks
+        optimizer, losses, saved_bytes = torch.optim.AdamW(model.parameters(), lr=1e-3), [], 0
 
-    reference = gradients(copy.deepcopy(model))
-    model.gradient_checkpointing_enable()
-    assert all(block.gradient_checkpointing for block in model.modules() if isinstance(block, CMSABlock))
-    checkpointed = gradients(model)
-    assert reference.keys() == checkpointed.keys()
-    for name in reference:
-        torch.testing.assert_close(checkpointed[name], reference[name], msg=name)
+        def count(tensor):
+            nonlocal saved_bytes
+            saved_bytes += tensor.numel() * tensor.element_size()
+            return tensor
+
+        for step in range(3):
+            with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+                loss = model(pixels, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return losses, saved_bytes
+
+    reference_losses, reference_bytes = train(reference)
+    checkpointed_losses, checkpointed_bytes = train(checkpointed)
+    assert checkpointed_losses == pytest.approx(reference_losses, rel=1e-6)
+    assert len(set(reference_losses)) == 3  # the weights moved
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(checkpointed.state_dict()[name], value, msg=name)  # num_batches_tracked included
+    assert checkpointed_bytes < 0.5 * reference_bytes, (checkpointed_bytes, reference_bytes)
 
 
 def test_initial_gradients_stay_bounded_through_the_blocks():

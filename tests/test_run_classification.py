@@ -206,6 +206,38 @@ def test_push_to_hub_uploads_the_folder(data, tiny_model, tmp_path):
     assert "checkpoints/**" in uploaded["ignore_patterns"]
 
 
+def test_augment_on_device_with_the_per_image_augmentations_off_trains_as_the_per_image_path(data, tiny_model, tmp_path):
+    """Decoded once, normalized on the device: the same pixels, the same mixup / cutmix and drop-path draws (the
+    device augmentation draws nothing when off), so the same losses and weights as the per-image path."""
+    off = ["--max_train_steps", "4", "--crop_padding", "0", "--hflip_probability", "0", "--random_erasing_probability", "0"]
+    per_image = run_classification.main(script_args(data, tiny_model, tmp_path / "per_image", *off))
+    on_device = run_classification.main(script_args(data, tiny_model, tmp_path / "on_device", *off, "--augment_on_device"))
+    assert on_device["train_loss"] == pytest.approx(per_image["train_loss"], rel=1e-5)
+    assert on_device["eval_accuracy"] == per_image["eval_accuracy"] and on_device["eval_samples"] == 7
+    assert "batched on the training device" in (tmp_path / "on_device" / "README.md").read_text()
+    assert "batched on the training device" not in (tmp_path / "per_image" / "README.md").read_text()
+    assert on_device["eval_loss"] == pytest.approx(per_image["eval_loss"], abs=1e-4)
+    expected = load_file(tmp_path / "per_image" / "model.safetensors")
+    actual = load_file(tmp_path / "on_device" / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_augment_on_device_trains_with_the_recipe_and_resumes_exactly(data, tiny_model, tmp_path):
+    """With crop, flip and erasing on the device: a run stopped after 1 of 4 steps and resumed ends on the weights
+    of the uninterrupted run (the draws come from the generators that Accelerate checkpoints)."""
+    on = ["--augment_on_device", "--max_train_steps", "4", "--checkpointing_steps", "1"]
+    full = run_classification.main(script_args(data, tiny_model, tmp_path / "full", *on))
+    assert full["train_steps"] == 4
+    stopped = run_classification.main(script_args(data, tiny_model, tmp_path / "stopped", *on, "--time_budget_s", "0"))
+    assert stopped["train_steps"] == 1
+    resumed = run_classification.main(
+        script_args(data, tiny_model, tmp_path / "stopped", *on, "--resume_from_checkpoint", "latest")
+    )
+    assert resumed["train_steps"] == 4
+    assert_same_weights(tmp_path / "stopped", tmp_path / "full")
+
+
 def load_and_prepare(argv):
     """The validated splits and label names that the classification task trains on."""
     task = ImageClassificationTask()

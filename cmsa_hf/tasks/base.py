@@ -7,7 +7,11 @@ A fourth task subclasses `Task` and fills in its attributes and hooks; `run` cal
     check_arguments(args, parser)  argument checks across flags (`parser.error(...)`)
     load_data(args)                {"train": Dataset, "validation": Dataset} (main process first)
     create_model(args, data)       (model, processor); may fit `data` to the model
-    transforms(args, model, processor)            (train transform with an `epoch` attribute, eval transform)
+    loader_datasets(args, data, model, processor) what the loaders read: by default the splits under
+                                                  transforms(args, model, processor) (train transform with an
+                                                  `epoch` attribute, eval transform)
+    set_epoch(epoch)                              before each epoch: re-seeds the train transform's augmentation
+    model_inputs(args, batch, train)              a loader batch, on the device, as the model takes it
     compute_loss(args, model, batch)              one training batch's loss
     evaluation_outputs(args, model, batch)        {name: tensor with the batch as first dim}, gathered by the runner
     compute_metrics(args, outputs, name)          the metrics of the whole split (main process; the runner shares them)
@@ -22,6 +26,11 @@ import torch
 
 from ..configuration_cmsa import CMSAConfig
 from ..image_processing_cmsa import CMSAImageProcessor
+
+
+def memory_format(args) -> torch.memory_format:
+    """The run's memory format of images and convolution weights (`--channels_last`)."""
+    return torch.channels_last if args.channels_last else torch.contiguous_format
 
 
 class Task:
@@ -73,8 +82,25 @@ class Task:
         that the runner sets at each epoch (per-sample augmentation seeded by seed, epoch and row)."""
         raise NotImplementedError
 
+    def loader_datasets(self, args, data: dict, model, processor) -> tuple:
+        """(train dataset, eval dataset) for the loaders: by default `data`'s splits under `transforms`. A dataset
+        with a `collate_fn` attribute is loaded with it."""
+        self.train_transform, eval_transform = self.transforms(args, model, processor)
+        return data["train"].with_transform(self.train_transform), data["validation"].with_transform(eval_transform)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each training epoch: the train transform's per-sample augmentation is seeded by (seed,
+        epoch, row). Nothing to do when `loader_datasets` made no train transform."""
+        if getattr(self, "train_transform", None) is not None:
+            self.train_transform.epoch = epoch
+
+    def model_inputs(self, args, batch: dict, train: bool) -> dict:
+        """A loader batch (already on the device) as `compute_loss` / `evaluation_outputs` take it: by default its
+        `pixel_values` in the run's memory format (`--channels_last`)."""
+        return {**batch, "pixel_values": batch["pixel_values"].contiguous(memory_format=memory_format(args))}
+
     def compute_loss(self, args, model, batch: dict) -> torch.Tensor:
-        """The loss of one training batch (`batch["pixel_values"]` is already in the run's memory format)."""
+        """The loss of one training batch (after `model_inputs`)."""
         raise NotImplementedError
 
     def evaluation_outputs(self, args, model, batch: dict) -> dict[str, torch.Tensor]:
@@ -117,4 +143,6 @@ class Task:
                 f"--image_size {tuple(args.image_size)} differs from the checkpoint's image_size "
                 f"{tuple(model.config.image_size)}; CMSA's attention windows are sized for one input resolution"
             )
+        if args.gradient_checkpointing:
+            model.activation_checkpointing_enable()
         return model

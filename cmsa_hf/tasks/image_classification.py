@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import evaluation
+from ..data.device_augment import DecodedImages, DeviceAugment, normalize
 from ..data.image_classification import card_data_fields, load_splits, prepare_splits
 from ..data.transforms import ClassificationTransform, mix_batch
 from ..hub import image_classification_card
@@ -56,6 +57,12 @@ class ImageClassificationTask(Task):
         augment.add_argument("--mix_probability", type=float)
         augment.add_argument("--mix_switch_probability", type=float)
         augment.add_argument("--label_smoothing", type=float)
+        augment.add_argument(
+            "--augment_on_device", action="store_true",
+            help="Decode and resize every image once into memory (uint8) and run crop / flip / normalize / erasing "
+            "as batched tensor operations on the training device (for GPUs a per-image CPU pipeline cannot feed). "
+            "Draws come from torch's generator instead of per (seed, epoch, row).",
+        )  # fmt: skip
 
     def check_arguments(self, args, parser):
         if args.dataset_name is None and args.train_dir is None:
@@ -87,6 +94,25 @@ class ImageClassificationTask(Task):
             random_erasing_probability=args.random_erasing_probability,
         )  # fmt: skip
         return train, ClassificationTransform(processor, args.image_column_name, args.label_column_name, "validation")
+
+    def loader_datasets(self, args, data, model, processor):
+        """With `--augment_on_device`: both splits decoded once (`DecodedImages`), finished in `model_inputs`."""
+        if not args.augment_on_device:
+            return super().loader_datasets(args, data, model, processor)
+        self.processor = processor
+        self.device_augment = DeviceAugment(
+            processor, args.crop_padding, args.hflip_probability, args.random_erasing_probability
+        )
+        return tuple(
+            DecodedImages.from_split(data[split], processor, args.image_column_name, args.label_column_name, split)
+            for split in ("train", "validation")
+        )
+
+    def model_inputs(self, args, batch, train):
+        if args.augment_on_device:
+            images = batch["pixel_values"]
+            batch = {**batch, "pixel_values": self.device_augment(images) if train else normalize(images, self.processor)}
+        return super().model_inputs(args, batch, train)
 
     def compute_loss(self, args, model, batch):
         pixel_values, targets = mix_batch(
@@ -120,5 +146,5 @@ class ImageClassificationTask(Task):
             "label smoothing": args.label_smoothing,
             "mixup / cutmix": mixing,
             "random crop padding / h-flip / random erasing": f"{args.crop_padding} / {args.hflip_probability} / "
-            f"{args.random_erasing_probability}",
+            f"{args.random_erasing_probability}" + (", batched on the training device" if args.augment_on_device else ""),
         }

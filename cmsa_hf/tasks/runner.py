@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from ..hub import write_hub_folder
 from ..publish import publish
 from ..training import make_accelerator, make_optimizer_and_scheduler, make_train_dataloader, prepare_output_dir, train_loop
-from .base import Task
+from .base import Task, memory_format
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, offers_eval_before_training: bool = False):
@@ -65,6 +65,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, offers_eval_before_tra
         "--channels_last", action="store_true", help="Run convolutions in NHWC memory format (faster on CPU)."
     )
     group.add_argument(
+        "--gradient_checkpointing", action="store_true",
+        help="Recompute each block's activations in the backward pass (less memory, a slower step; the same run).",
+    )  # fmt: skip
+    group.add_argument(
         "--torch_compile", action="store_true", help="torch.compile the model for training (evaluation runs eagerly)."
     )
     group.add_argument("--eval_every_epoch", action="store_true", help="Also evaluate (and log) after every epoch.")
@@ -109,10 +113,6 @@ def parse_args(task: Task, argv=None, description: str | None = None) -> argpars
     return args
 
 
-def memory_format(args) -> torch.memory_format:
-    return torch.channels_last if args.channels_last else torch.contiguous_format
-
-
 def run(task: Task, argv=None, description: str | None = None) -> dict:
     """Train and evaluate `task` as the command line `argv` says (default: `sys.argv`), write the Hub-ready folder
     (and upload it with `--push_to_hub`). Returns the results written to `all_results.json`."""
@@ -126,38 +126,34 @@ def run(task: Task, argv=None, description: str | None = None) -> dict:
         model, processor = task.create_model(args, data)
     # On its device before the optimizer is built: fused AdamW when that is a GPU.
     model.to(accelerator.device, memory_format=memory_format(args))
-    train_transform, eval_transform = task.transforms(args, model, processor)
-    train_dataloader = make_train_dataloader(data["train"].with_transform(train_transform), args)
+    train_dataset, eval_dataset = task.loader_datasets(args, data, model, processor)
+    train_dataloader = make_train_dataloader(train_dataset, args, collate_fn=getattr(train_dataset, "collate_fn", None))
     eval_dataloader = DataLoader(
-        data["validation"].with_transform(eval_transform),
+        eval_dataset,
         batch_size=args.per_device_eval_batch_size,
         num_workers=args.dataloader_num_workers,
+        collate_fn=getattr(eval_dataset, "collate_fn", None),
     )
     model, optimizer, train_dataloader, eval_dataloader, scheduler, total_steps = prepare_training(
         accelerator, args, model, train_dataloader, eval_dataloader, unit=task.training_unit
     )
     training_model = torch.compile(model) if args.torch_compile else model
 
-    def with_memory_format(batch: dict) -> dict:
-        return {**batch, "pixel_values": batch["pixel_values"].contiguous(memory_format=memory_format(args))}
-
     def evaluate_as(name: str) -> dict:
-        return evaluate(accelerator, task, args, model, eval_dataloader, name, with_memory_format)
+        return evaluate(accelerator, task, args, model, eval_dataloader, name, lambda batch: task.model_inputs(args, batch, False))
 
     initial = {}
     if getattr(args, "eval_before_training", False):
         initial = {f"initial_{key}": value for key, value in evaluate_as("initial").items() if key != "eval_samples"}
         accelerator.print(f"initial evaluation: {initial}")
 
-    def on_epoch_start(epoch: int):
-        train_transform.epoch = epoch
-
     def on_epoch_end(epoch: int) -> dict:
         return evaluate_as(f"epoch_{epoch}") if args.eval_every_epoch else {}
 
     stats = train_loop(
         accelerator, args, model, optimizer, scheduler, train_dataloader, total_steps,
-        lambda batch: task.compute_loss(args, training_model, with_memory_format(batch)), on_epoch_start, on_epoch_end,
+        lambda batch: task.compute_loss(args, training_model, task.model_inputs(args, batch, True)), task.set_epoch,
+        on_epoch_end,
     )  # fmt: skip
     started = time.perf_counter()
     results = evaluate_as("eval")
