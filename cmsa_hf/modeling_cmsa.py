@@ -23,6 +23,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.dynamic_module_utils import custom_object_save
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput, TransformersKwargs
 
@@ -400,10 +401,12 @@ def batch_norm_statistics_kept(module: nn.Module):
         yield
     finally:
         for buffer, value in zip(buffers, saved):
-            buffer.copy_(value)
+            # Through `.data`: the recomputed BatchNorms saved these buffers for their backward (a reentrant
+            # checkpoint runs it after this exit), which reads no running statistic in training mode.
+            buffer.data.copy_(value)
 
 
-class CMSABlock(nn.Module):
+class CMSABlock(GradientCheckpointingLayer):
     """x = PE(x); x = x + DropPath(CMSA(BN(x))); x = x + DropPath(MLP(LN(x))). Shapes: (batch, C, H, W).
 
     With activation checkpointing on (`model.activation_checkpointing_enable()`, the Trainer's
@@ -411,8 +414,6 @@ class CMSABlock(nn.Module):
     the backward pass recomputes the rest. The recomputation leaves the BatchNorm running statistics as the forward
     pass left them, so a checkpointed run is the same run (losses, gradients and statistics), in less memory.
     """
-
-    gradient_checkpointing = False  # set with `_gradient_checkpointing_func` by `activation_checkpointing_enable()`
 
     def __init__(self, config: CMSAConfig, stage: int, drop_path_rate: float):
         super().__init__()
@@ -429,17 +430,10 @@ class CMSABlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
         """-> (hidden_states, attention weights or None), see `CMSACascadedAttention.forward`."""
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            calls = 0
-
-            def forward_then_replays(*args):
-                nonlocal calls
-                calls += 1
-                with batch_norm_statistics_kept(self) if calls > 1 else contextlib.nullcontext():
-                    return self._forward(*args)
-
-            return self._gradient_checkpointing_func(forward_then_replays, hidden_states, output_attentions)
-        return self._forward(hidden_states, output_attentions)
+        # A forward run inside the autograd engine is the backward pass recomputing this checkpointed block.
+        replaying = self.gradient_checkpointing and torch._C._current_graph_task_id() != -1
+        with batch_norm_statistics_kept(self) if replaying else contextlib.nullcontext():
+            return self._forward(hidden_states, output_attentions)
 
     def _forward(self, hidden_states: torch.Tensor, output_attentions: bool):
         hidden_states = self.position_encoding(hidden_states)
