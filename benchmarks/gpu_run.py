@@ -88,13 +88,13 @@ def train_task(name: str, args, budget_s: float) -> dict:
     output_dir = Path(args.output_dir) / name
     # Classification batches come from memory (no workers); the others decode and warp per sample on the CPU.
     workers = 0 if name == "image-classification" else args.num_workers
+    batch_size = 2 if args.tiny else batch_size
     common = [
-        *recipe, "--variant", "cmsa-s", "--seed", str(args.seed), "--per_device_train_batch_size",
-        str(2 if args.tiny else batch_size), "--per_device_eval_batch_size", str(4 if args.tiny else 512),
+        *recipe, "--variant", "cmsa-s", "--seed", str(args.seed), "--per_device_train_batch_size", str(batch_size), "--per_device_eval_batch_size", str(4 if args.tiny else 512),
         *device_flags(args.device, workers), *(tiny if args.tiny else []),
     ]  # fmt: skip
     if args.tiny:
-        epochs, probe, left = 1, None, budget_s
+        epochs, steps_per_s, left = 1, None, budget_s
         schedule = ["--max_train_steps", "2", "--num_warmup_steps", "1"]
     else:
         # Probe the step rate, then fit whole epochs of the cosine schedule into what is left of the budget.
@@ -108,14 +108,14 @@ def train_task(name: str, args, budget_s: float) -> dict:
         schedule = ["--num_train_epochs", str(epochs)]
     results = run(task_class(), [*common, *schedule, "--output_dir", str(output_dir), "--overwrite_output_dir",
                                  "--time_budget_s", str(max(left, 1.0))])  # fmt: skip
-    images = results["train_steps"] * (2 if args.tiny else batch_size)
+    images = results["train_steps"] * batch_size
     return {
         "task": name,
         "output_dir": str(output_dir),
         "epochs_scheduled": epochs,
         "epochs_trained": round(images / results["train_samples"], 2),
         "train_images_per_s": round(images / results["train_runtime"], 1),
-        "probe_steps_per_s": round(probe["train_steps"] / probe["train_runtime"], 2) if probe else None,
+        "probe_steps_per_s": round(steps_per_s, 2) if steps_per_s else None,
         **{key: value for key, value in results.items() if key.startswith(("eval_", "train_"))},
     }
 

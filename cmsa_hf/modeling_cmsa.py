@@ -280,7 +280,6 @@ class CMSAWindowAttention(nn.Module):
             return context.permute(0, 3, 1, 2), weights
         return context.permute(0, 3, 6, 1, 4, 2, 5).reshape(batch, heads * self.value_dim, height, width), weights
 
-
     def _fused_attention(self, query, key, value, bias) -> torch.Tensor:
         """SDPA in a form its fused kernels take: queries and keys zero-padded to the value dim (the dot products do
         not change) and the bias as a 4-D mask. On CPU the fused (flash) kernel computes no gradient for the mask, so

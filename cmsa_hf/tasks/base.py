@@ -38,6 +38,8 @@ class Task:
 
     name: str = ""
     """The Hub task id, e.g. "image-classification"."""
+    train_transform = None
+    """Set by `loader_datasets` (the default one); re-seeded by `set_epoch`."""
     model_class: type | None = None
     """The `CMSAPreTrainedModel` subclass trained, e.g. `CMSAForImageClassification`."""
     make_card = None
@@ -91,7 +93,7 @@ class Task:
     def set_epoch(self, epoch: int) -> None:
         """Called before each training epoch: the train transform's per-sample augmentation is seeded by (seed,
         epoch, row). Nothing to do when `loader_datasets` made no train transform."""
-        if getattr(self, "train_transform", None) is not None:
+        if self.train_transform is not None:
             self.train_transform.epoch = epoch
 
     def model_inputs(self, args, batch: dict, train: bool) -> dict:

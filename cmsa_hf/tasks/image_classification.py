@@ -99,7 +99,6 @@ class ImageClassificationTask(Task):
         """With `--augment_on_device`: both splits decoded once (`DecodedImages`), finished in `model_inputs`."""
         if not args.augment_on_device:
             return super().loader_datasets(args, data, model, processor)
-        self.processor = processor
         self.device_augment = DeviceAugment(
             processor, args.crop_padding, args.hflip_probability, args.random_erasing_probability
         )
@@ -111,7 +110,7 @@ class ImageClassificationTask(Task):
     def model_inputs(self, args, batch, train):
         if args.augment_on_device:
             images = batch["pixel_values"]
-            batch = {**batch, "pixel_values": self.device_augment(images) if train else normalize(images, self.processor)}
+            batch = {**batch, "pixel_values": self.device_augment(images) if train else normalize(images, self.device_augment.processor)}
         return super().model_inputs(args, batch, train)
 
     def compute_loss(self, args, model, batch):
