@@ -205,6 +205,56 @@ class CMSASpatialFusion(nn.Module):
         return self.pointwise(self.activation(hidden_states + self.depthwise(hidden_states)))
 
 
+ATTENTION_CHUNK_BYTES = 16 * 2**20
+
+
+class ChunkedWindowAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias) v over windows, for training where no fused kernel learns the bias (CPU).
+
+    It runs the eager path's arithmetic (matmul, scale, add the bias, softmax, matmul) in chunks of windows and keeps
+    q, k and v for the backward pass instead of the (windows, heads, Nq, Nkv) probabilities, which the backward
+    recomputes chunk by chunk: neither pass holds more than about `ATTENTION_CHUNK_BYTES` of scores at a time.
+    query (N, heads, Nq, key_dim), key (N, heads, Nkv, key_dim), value (N, heads, Nkv, value_dim), bias (heads, Nq, Nkv)
+    -> context (N, heads, Nq, value_dim), N = batch * windows.
+    """
+
+    @staticmethod
+    def _chunks(query: torch.Tensor, bias: torch.Tensor):
+        rows = max(1, ATTENTION_CHUNK_BYTES // (bias.numel() * bias.element_size()))
+        return [slice(start, start + rows) for start in range(0, query.shape[0], rows)]
+
+    @staticmethod
+    def _probabilities(query, key, bias, scale) -> torch.Tensor:
+        return torch.matmul(query, key.transpose(-2, -1)).mul_(scale).add_(bias).softmax(dim=-1)
+
+    @staticmethod
+    def forward(ctx, query, key, value, bias, scale: float):
+        ctx.save_for_backward(query, key, value, bias)
+        ctx.scale = scale
+        context = value.new_empty(*query.shape[:-1], value.shape[-1])
+        for rows in ChunkedWindowAttention._chunks(query, bias):
+            probabilities = ChunkedWindowAttention._probabilities(query[rows], key[rows], bias, scale)
+            torch.matmul(probabilities, value[rows], out=context[rows])
+        return context
+
+    @staticmethod
+    def backward(ctx, grad_context):
+        query, key, value, bias = ctx.saved_tensors
+        grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        grad_bias = torch.zeros_like(bias)
+        for rows in ChunkedWindowAttention._chunks(query, bias):
+            probabilities = ChunkedWindowAttention._probabilities(query[rows], key[rows], bias, ctx.scale)
+            grad = grad_context[rows]
+            torch.matmul(probabilities.transpose(-2, -1), grad, out=grad_value[rows])
+            grad_probabilities = torch.matmul(grad, value[rows].transpose(-2, -1))
+            grad_scores = torch._softmax_backward_data(grad_probabilities, probabilities, -1, probabilities.dtype)
+            grad_bias += grad_scores.sum(dim=0)
+            grad_scores.mul_(ctx.scale)
+            torch.matmul(grad_scores, key[rows], out=grad_query[rows])
+            torch.matmul(grad_scores.transpose(-2, -1), query[rows], out=grad_key[rows])
+        return grad_query, grad_key, grad_value, grad_bias, None
+
+
 class CMSAWindowAttention(nn.Module):
     """Multi-head attention of one head group inside non-overlapping windows.
 
@@ -285,7 +335,7 @@ class CMSAWindowAttention(nn.Module):
         not change) and the bias as a 4-D mask. On CPU the fused (flash) kernel computes no gradient for the mask, so
         a training step there, where the bias learns, keeps the plain shapes (SDPA's math path, no padding work)."""
         if query.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad:
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scale)
+            return ChunkedWindowAttention.apply(query, key, value, bias, self.scale)
         padding = (0, self.value_dim - self.key_dim)
         query, key = F.pad(query, padding), F.pad(key, padding)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=bias.unsqueeze(0), scale=self.scale)
@@ -377,17 +427,44 @@ def drop_path_rates(last_rate: float, num_blocks: int) -> list[float]:
     return [last_rate * index / (num_blocks - 1) for index in range(num_blocks)]
 
 
+class GELULinear(torch.autograd.Function):
+    """linear(gelu(hidden)) that keeps only `hidden` for the backward pass, which recomputes gelu(hidden): the MLP's
+    widest tensor (mlp_ratio x C channels) is saved once instead of twice. The same kernels as the plain path, so the
+    same gradients. hidden (..., in), weight (out, in), bias (out,) -> (..., out)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias):
+        ctx.save_for_backward(hidden, weight)
+        return F.linear(F.gelu(hidden), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, weight = ctx.saved_tensors
+        grad_output = grad_output.reshape(-1, weight.shape[0])
+        grad_activated = grad_output.mm(weight).view_as(hidden)
+        grad_weight = grad_output.t().mm(F.gelu(hidden).reshape(-1, weight.shape[1]))
+        return torch.ops.aten.gelu_backward(grad_activated, hidden), grad_weight, grad_output.sum(0)
+
+
 class CMSAMlp(nn.Module):
-    """Two-layer MLP on channels-last tokens: (..., C) -> (..., C)."""
+    """Two-layer MLP on channels-last tokens: (..., C) -> (..., C).
+
+    Training with the exact GELU and without autocast recomputes the activation in the backward pass
+    (`GELULinear`) instead of saving it."""
 
     def __init__(self, config: CMSAConfig, dim: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, dim * config.mlp_ratio)
         self.activation = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(dim * config.mlp_ratio, dim)
+        self.recompute_activation = config.hidden_act == "gelu"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(hidden_states)))
+        hidden_states = self.fc1(hidden_states)
+        if (self.recompute_activation and torch.is_grad_enabled() and hidden_states.requires_grad
+                and not torch.is_autocast_enabled(hidden_states.device.type)):  # fmt: skip
+            return GELULinear.apply(hidden_states, self.fc2.weight, self.fc2.bias)
+        return self.fc2(self.activation(hidden_states))
 
 
 @contextlib.contextmanager

@@ -25,6 +25,8 @@ from cmsa_hf.modeling_cmsa import (
     CMSAReparamConv,
     CMSAUpsample,
     CMSAWindowAttention,
+    ChunkedWindowAttention,
+    GELULinear,
     no_weight_decay_names,
     reparameterize_model,
 )
@@ -217,6 +219,90 @@ def test_sdpa_and_eager_models_agree(tiny):
         model.config._attn_implementation = "eager"
         eager = model(pixels).logits
     torch.testing.assert_close(sdpa, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_window_attention_matches_the_explicit_form_across_chunks(monkeypatch):
+    """Values and gradients of q, k, v and the bias, with chunks of 3 windows over 7 (a ragged last chunk)."""
+    torch.manual_seed(0)
+    query = torch.randn(7, 2, 12, 16, dtype=torch.float64, requires_grad=True)
+    key_value = torch.randn(7, 2, 6, 48, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, 12, 6, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr("cmsa_hf.modeling_cmsa.ATTENTION_CHUNK_BYTES", 3 * bias.numel() * bias.element_size())
+    assert len(ChunkedWindowAttention._chunks(query, bias)) == 3
+
+    def explicit(query, key_value, bias):
+        key, value = key_value.split([16, 32], dim=-1)
+        return torch.matmul((query @ key.transpose(-2, -1) * 0.25 + bias).softmax(dim=-1), value)
+
+    def chunked(query, key_value, bias):
+        return ChunkedWindowAttention.apply(query, *key_value.split([16, 32], dim=-1), bias, 0.25)
+
+    grad_output = torch.randn(7, 2, 12, 32, dtype=torch.float64)
+    inputs = (query, key_value, bias)
+    expected, result = explicit(*inputs), chunked(*inputs)
+    torch.testing.assert_close(result, expected)
+    for got, want in zip(torch.autograd.grad(result, inputs, grad_output), torch.autograd.grad(expected, inputs, grad_output)):
+        torch.testing.assert_close(got, want)
+    small = (query[:2, :, :4], key_value[:2, :, :3], bias[:, :4, :3])
+    assert torch.autograd.gradcheck(chunked, tuple(t.detach().clone().requires_grad_() for t in small))
+
+
+def test_gelu_linear_matches_the_plain_mlp_tail():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    linear = nn.Linear(8, 4).double()
+    inputs = (hidden, linear.weight, linear.bias)
+    assert torch.autograd.gradcheck(GELULinear.apply, inputs)
+    grad_output = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    expected = torch.autograd.grad(linear(torch.nn.functional.gelu(hidden)), inputs, grad_output)
+    for got, want in zip(torch.autograd.grad(GELULinear.apply(*inputs), inputs, grad_output), expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_memory_saving_training_path_is_the_same_run():
+    """Three SGD steps on CPU (AdamW would blow up rounding noise in gradients that are zero in exact arithmetic,
+    such as the key bias's): SDPA (chunked attention that recomputes its probabilities, GELU recomputed in the MLP)
+    against the explicit path that saves everything: the same losses and gradients, from fewer saved bytes."""
+    config = tiny_config(depths=[2, 2, 1], drop_path_rate=0.2)
+    torch.manual_seed(0)
+    reference = CMSAForImageClassification._from_config(config, attn_implementation="eager").train()
+    for mlp in reference.modules():
+        if hasattr(mlp, "recompute_activation"):
+            mlp.recompute_activation = False
+    saving = copy.deepcopy(reference)
+    saving.config._attn_implementation = "sdpa"
+    for mlp in saving.modules():
+        if hasattr(mlp, "recompute_activation"):
+            mlp.recompute_activation = True
+    pixels, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 1])
+
+    def train(model) -> tuple[list[float], list[dict], int]:
+        torch.manual_seed(1)
+        optimizer, losses, gradients, saved = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), [], [], {}
+
+        def count(tensor):
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        for step in range(3):
+            with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+                loss = model(pixels, labels=labels).loss
+            loss.backward()
+            gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return losses, gradients, sum(saved.values())
+
+    reference_losses, reference_gradients, reference_bytes = train(reference)
+    saving_losses, saving_gradients, saving_bytes = train(saving)
+    assert saving_losses == pytest.approx(reference_losses, rel=1e-5)
+    assert len(set(reference_losses)) == 3
+    for expected, result in zip(reference_gradients, saving_gradients):
+        total = torch.cat([gradient.flatten() for gradient in expected.values()]).norm()
+        for name, gradient in expected.items():  # relative, with a floor: some are ~0 in exact arithmetic (BN after)
+            assert (result[name] - gradient).norm() <= 1e-4 * max(gradient.norm(), 1e-3 * total), name
+    assert saving_bytes < reference_bytes, (saving_bytes, reference_bytes)
 
 
 def test_activation_checkpointing_is_the_same_run_in_less_memory():
