@@ -333,7 +333,8 @@ class CMSAWindowAttention(nn.Module):
     def _fused_attention(self, query, key, value, bias) -> torch.Tensor:
         """SDPA in a form its fused kernels take: queries and keys zero-padded to the value dim (the dot products do
         not change) and the bias as a 4-D mask. On CPU the fused (flash) kernel computes no gradient for the mask, so
-        a training step there, where the bias learns, keeps the plain shapes (SDPA's math path, no padding work)."""
+        a training step there, where the bias learns, runs `ChunkedWindowAttention` on the plain shapes instead
+        (SDPA's math path would keep the probabilities for the backward pass)."""
         if query.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad:
             return ChunkedWindowAttention.apply(query, key, value, bias, self.scale)
         padding = (0, self.value_dim - self.key_dim)

@@ -434,6 +434,26 @@ def test_a_lower_precision_input_runs_under_autocast(tiny):
         assert model(torch.randn(2, 3, 16, 16, dtype=torch.bfloat16)).logits.shape == (2, 3)
 
 
+def test_a_training_step_under_autocast_follows_the_full_precision_gradient(tiny):
+    """bf16 autocast on CPU takes the chunked attention (bf16 inputs) and the plain MLP: every gradient is there,
+    finite, and points where the float32 step's does."""
+    torch.manual_seed(0)
+    model = CMSAForImageClassification(tiny).train()
+    pixels, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+
+    def gradient(autocast: bool) -> torch.Tensor:
+        model.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(pixels, labels=labels).loss
+        loss.backward()
+        return torch.cat([p.grad.flatten().float() for p in model.parameters()])
+
+    full, mixed = gradient(False), gradient(True)
+    assert torch.isfinite(mixed).all() and mixed.numel() == full.numel()
+    assert torch.nn.functional.cosine_similarity(full, mixed, dim=0) > 0.95
+
+
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
 def test_non_finite_pixels_are_refused_in_training_before_batch_norm(tiny, bad_value):
     model = CMSAForImageClassification(tiny).train()
