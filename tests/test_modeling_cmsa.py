@@ -265,15 +265,12 @@ def test_memory_saving_training_path_is_the_same_run():
     against the explicit path that saves everything: the same losses and gradients, from fewer saved bytes."""
     config = tiny_config(depths=[2, 2, 1], drop_path_rate=0.2)
     torch.manual_seed(0)
-    reference = CMSAForImageClassification._from_config(config, attn_implementation="eager").train()
+    saving = CMSAForImageClassification._from_config(config, attn_implementation="sdpa").train()
+    reference = copy.deepcopy(saving)
+    reference.config._attn_implementation = "eager"
     for mlp in reference.modules():
         if hasattr(mlp, "recompute_activation"):
             mlp.recompute_activation = False
-    saving = copy.deepcopy(reference)
-    saving.config._attn_implementation = "sdpa"
-    for mlp in saving.modules():
-        if hasattr(mlp, "recompute_activation"):
-            mlp.recompute_activation = True
     pixels, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 1])
 
     def train(model) -> tuple[list[float], list[dict], int]:
