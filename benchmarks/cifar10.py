@@ -3,13 +3,17 @@ same number of steps, timed in one run.
 
 Trains on 45,000 images of the real CIFAR-10 training split (../shared/data/cifar10-train.zip, JPEG quality 75)
 and validates on the 5,000 held out (seeded). Prints validation top-1, training and evaluation images/s and peak
-memory per model, as a Markdown table and JSON. Each model trains in its own subprocess (clean memory peaks).
+memory per model (while training, and over the whole run with evaluation), as a Markdown table and JSON. Each
+model trains in its own subprocess (clean memory peaks), with tcmalloc preloaded where it is installed
+(`--allocator`, as PyTorch's `torch.backends.xeon.run_cpu` launcher does): glibc's malloc fragments its heap under
+a training step's mix of tensor sizes.
 
     python benchmarks/cifar10.py --max_train_steps 300              # CPU: a fixed budget of steps
     python benchmarks/cifar10.py --device cuda --num_train_epochs 50 # GPU
 """
 
 import argparse
+import ctypes.util
 import json
 import os
 import resource
@@ -56,6 +60,26 @@ def load_cifar(zip_path: Path, seed: int):
 
     splits = load_splits(train_dir=str(zip_path), train_val_split=0.1, seed=seed)  # 45,000 / 5,000
     return prepare_splits(splits, seed=seed)
+
+
+def allocator_library(allocator: str) -> str | None:
+    """The library that `--allocator` preloads in the workers: None for the system's malloc; "auto" is tcmalloc
+    where it is installed, else the system's."""
+    if allocator == "system":
+        return None
+    library = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    if library is None and allocator == "tcmalloc":
+        raise SystemExit(
+            "--allocator tcmalloc: libtcmalloc is not installed (Debian/Ubuntu: apt install libtcmalloc-minimal4); "
+            "use --allocator system"
+        )
+    return library
+
+
+def loaded_allocator() -> str:
+    """"tcmalloc" if this process runs on tcmalloc (mapped in, e.g. by LD_PRELOAD), else "system"."""
+    maps = Path("/proc/self/maps")
+    return "tcmalloc" if maps.exists() and "libtcmalloc" in maps.read_text() else "system"
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -130,6 +154,7 @@ def train_one(args) -> dict:
             if step >= total_steps:
                 break
         epoch += 1
+    train_peak_memory_mb = peak_memory_mb(device)
 
     model.eval()
     correct, seen, eval_seconds = 0, 0, 0.0
@@ -146,6 +171,7 @@ def train_one(args) -> dict:
             seen += batch["labels"].shape[0]
     return {
         "model": args.model,
+        "allocator": loaded_allocator(),
         "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "steps": step,
         "epochs": round(step * args.batch_size / len(splits["train"]), 2),
@@ -153,6 +179,7 @@ def train_one(args) -> dict:
         "val_samples": seen,
         "train_images_per_s": round(train_images / train_seconds, 1),
         "eval_images_per_s": round(seen / eval_seconds, 1),
+        "train_peak_memory_mb": round(train_peak_memory_mb, 1),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
     }
 
@@ -174,6 +201,10 @@ def main():
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU).")
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--allocator", default="auto", choices=["auto", "tcmalloc", "system"],
+        help="malloc of the workers (auto: tcmalloc where installed).",
+    )  # fmt: skip
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--output_json", default=None)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)  # worker mode
@@ -186,21 +217,32 @@ def main():
         print(json.dumps(train_one(args)))
         return
 
+    library = allocator_library(args.allocator)
+    environment = dict(os.environ)
+    if library is not None:
+        environment["LD_PRELOAD"] = " ".join(filter(None, [library, environment.get("LD_PRELOAD")]))
     rows = []
     for name in args.models:
         command = [sys.executable, __file__, *sys.argv[1:], "--model", name]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        result = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
         if result.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        expected = "system" if library is None else "tcmalloc"
+        if rows[-1]["allocator"] != expected:
+            raise RuntimeError(f"{name} ran on the {rows[-1]['allocator']} allocator, not {expected} ({library}):\n"
+                               f"{result.stderr[-3000:]}")
+    allocator = "tcmalloc" if library else "the system's malloc"
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    device = f"{device}, {allocator}"
     print(f"\nCIFAR-10 (45k train / 5k validation), {rows[0]['steps']} steps of batch {args.batch_size}, {device}")
-    print("| model | params (M) | steps | epochs | val top-1 | train img/s | eval img/s | peak memory (MB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | params (M) | steps | epochs | val top-1 | train img/s | eval img/s | peak MB: training | run |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['parameters_millions']} | {r['steps']} | {r['epochs']} | {r['val_top1']} | "
-            f"{r['train_images_per_s']} | {r['eval_images_per_s']} | {r['peak_memory_mb']} |"
+            f"{r['train_images_per_s']} | {r['eval_images_per_s']} | {r['train_peak_memory_mb']} | "
+            f"{r['peak_memory_mb']} |"
         )
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"device": device, "args": vars(args), "results": rows}, indent=2))

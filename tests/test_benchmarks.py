@@ -1,7 +1,11 @@
 """The benchmark scripts run end to end (tiny settings; no timing is asserted)."""
 
+import ctypes.util
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,3 +75,30 @@ def test_authors_structure_loads_their_checkpoint_and_reproduces_their_heatmaps(
         heatmaps = model.double().eval()(expected["pixel_values"])
     relative = ((heatmaps - expected["heatmaps"]).abs().max() / expected["heatmaps"].abs().max()).item()
     assert relative <= 1e-8, relative
+
+
+def test_cifar_benchmark_allocator_choice(monkeypatch):
+    """`--allocator`: the system's malloc preloads nothing; tcmalloc asked for but absent is an error naming it."""
+    cifar10 = load_script("cifar10")
+    assert cifar10.allocator_library("system") is None
+    monkeypatch.setattr(cifar10.ctypes.util, "find_library", lambda name: None)
+    assert cifar10.allocator_library("auto") is None
+    with pytest.raises(SystemExit, match="libtcmalloc is not installed"):
+        cifar10.allocator_library("tcmalloc")
+
+
+@pytest.mark.skipif(
+    ctypes.util.find_library("tcmalloc_minimal") is None and ctypes.util.find_library("tcmalloc") is None,
+    reason="libtcmalloc is not installed (apt install libtcmalloc-minimal4)",
+)
+def test_cifar_benchmark_workers_run_on_the_preloaded_tcmalloc():
+    """The library `allocator_library` names preloads, and `loaded_allocator` sees it (and its absence)."""
+    cifar10 = load_script("cifar10")
+    library = cifar10.allocator_library("tcmalloc")
+    script = REPO_ROOT / "benchmarks" / "cifar10.py"
+    probe = [sys.executable, "-c", f"import runpy; print(runpy.run_path({str(script)!r})['loaded_allocator']())"]
+    environment = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
+    for preload, expected in ((library, "tcmalloc"), (None, "system")):
+        env = {**environment, "LD_PRELOAD": preload} if preload else environment
+        result = subprocess.run(probe, capture_output=True, text=True, check=True, env=env)
+        assert result.stdout.strip().splitlines()[-1] == expected, result.stderr
