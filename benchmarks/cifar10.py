@@ -198,7 +198,9 @@ def main():
     parser.add_argument("--eval_batch_size", type=int, default=250)
     parser.add_argument("--learning_rate", type=float, default=paper["learning_rate"])
     parser.add_argument("--warmup_fraction", type=float, default=0.05)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU).")
+    parser.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast (a GPU, or a CPU with AVX512-BF16 / AMX: lscpu flags)."
+    )
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

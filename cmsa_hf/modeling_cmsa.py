@@ -32,6 +32,46 @@ from .configuration_cmsa import HEAD_FIELDS, TASK_HEADS, CMSAConfig
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Gradient layout
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def is_channels_last(hidden_states: torch.Tensor) -> bool:
+    """Whether a (batch, C, H, W) map (or a channel slice of one) is laid out channels-last."""
+    return hidden_states.stride(1) < hidden_states.stride(3)
+
+
+class _DenseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_states):
+        ctx.memory_format = torch.channels_last if is_channels_last(hidden_states) else torch.contiguous_format
+        return hidden_states.view_as(hidden_states)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=ctx.memory_format)
+
+
+def dense_gradient(hidden_states: torch.Tensor) -> torch.Tensor:
+    """`hidden_states` itself, whose gradient reaches the layers that made it dense and in its own memory layout.
+
+    For a map that is then windowed or concatenated, whose backward passes hand on permuted or sliced gradients: on
+    CPU a convolution, BatchNorm, GELU or pooling backward whose gradient and input differ in layout runs a slow
+    strided loop (3-10x). Shapes: (batch, C, H, W).
+    """
+    if not (torch.is_grad_enabled() and hidden_states.requires_grad):
+        return hidden_states
+    return _DenseGradient.apply(hidden_states)
+
+
+def spatial_mean(hidden_states: torch.Tensor) -> torch.Tensor:
+    """(batch, C, H, W) -> (batch, C): the mean over positions, as a sum whose (batch, C) result is divided. Its
+    backward pass hands on a broadcast view of the gradient, where `mean`'s divides a full map laid out NCHW, which
+    the channels-last layers before it would read in that slow loop (see `dense_gradient`)."""
+    return hidden_states.sum(dim=(2, 3)) / (hidden_states.shape[2] * hidden_states.shape[3])
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Reparameterizable convolutions (MobileOne / RepVGG style)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -300,7 +340,8 @@ class CMSAWindowAttention(nn.Module):
         (window_h, window_w), (kv_h, kv_w) = self.window_size, self.kv_window_size
         rows, cols = height // window_h, width // window_w
         heads = self.num_heads
-        channels_last = query.stride(1) < query.stride(3)
+        channels_last = is_channels_last(query)
+        query, key_value = dense_gradient(query), dense_gradient(key_value)
 
         # (batch * windows, heads, tokens per window, channels)
         query = query.view(batch, heads, self.key_dim, rows, window_h, cols, window_w)
@@ -594,7 +635,7 @@ class CMSAMultiScaleFusion(nn.Module):
 
     def forward(self, stage_outputs: list[torch.Tensor]) -> torch.Tensor:
         upsampled = [upsample(x) for upsample, x in zip(self.upsamplers, stage_outputs[1:])]
-        return torch.cat([stage_outputs[0], *upsampled], dim=1)
+        return torch.cat([dense_gradient(x) for x in [stage_outputs[0], *upsampled]], dim=1)
 
 
 class CMSAFusionNeck(nn.Module):
@@ -677,7 +718,7 @@ class CMSAClassificationHead(CMSAHead):
         self.classifier = nn.Linear(self.neck.hidden_size, config.num_labels)
 
     def forward(self, fused: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled = self.neck(fused).mean(dim=(2, 3))
+        pooled = spatial_mean(self.neck(fused))
         return {"logits": self.classifier(self.dropout(pooled))}
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -1158,7 +1199,7 @@ class CMSAModel(CMSAPreTrainedModel):
             stage_outputs.append(hidden_states)
             attentions += stage_attentions
         fused = self.fusion(stage_outputs) if self.fusion is not None else hidden_states
-        pooled = fused.mean(dim=(2, 3))
+        pooled = spatial_mean(fused)
         all_hidden_states = tuple(stage_outputs) if output_hidden_states else None
         all_attentions = tuple(attentions) if output_attentions else None
 
@@ -1424,7 +1465,7 @@ class CMSABinnedAngleHead(CMSAHead):
         self.classifier = nn.Linear(config.hidden_sizes[-1], 3 * config.head_pose_bins)
 
     def forward(self, stage_outputs) -> dict[str, torch.Tensor]:
-        pooled = stage_outputs[-1].mean(dim=(2, 3))
+        pooled = spatial_mean(stage_outputs[-1])
         logits = self.classifier(pooled).view(pooled.shape[0], 3, self.codec.num_bins)
         return {"logits": logits, "angles": self.codec.decode(logits)}
 
@@ -1470,7 +1511,7 @@ class CMSASoftStagewiseHead(CMSAHead):
     def forward(self, stage_outputs) -> dict[str, torch.Tensor]:
         angle, denominator = 0.0, 1.0
         for index, features in enumerate(reversed(stage_outputs)):
-            pooled = features.mean(dim=(2, 3))
+            pooled = spatial_mean(features)
             bins = self.stage_bins[index]
             probabilities = F.relu(self.distributions[index](pooled)).view(pooled.shape[0], 3, bins)
             shift = torch.tanh(self.shifts[index](pooled))

@@ -27,8 +27,10 @@ from cmsa_hf.modeling_cmsa import (
     CMSAWindowAttention,
     ChunkedWindowAttention,
     GELULinear,
+    dense_gradient,
     no_weight_decay_names,
     reparameterize_model,
+    spatial_mean,
 )
 
 
@@ -207,6 +209,66 @@ def test_channels_last_model_matches_and_trains(tiny):
     model.train()
     model(pixels.contiguous(memory_format=torch.channels_last), labels=labels).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_dense_gradient_passes_values_and_gradients_through_in_the_maps_layout():
+    torch.manual_seed(0)
+    leaf = torch.randn(2, 6, 4, 5, requires_grad=True)
+    hidden = (leaf * 2).contiguous(memory_format=torch.channels_last)
+    seen = []
+    hidden.register_hook(seen.append)
+    output = dense_gradient(hidden)
+    assert torch.equal(output, hidden)
+    grad = torch.randn(2, 6, 4, 5)  # NCHW, as a windowing's backward hands it on
+    output.backward(grad)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and torch.equal(seen[0], grad)
+    with torch.no_grad():
+        assert dense_gradient(hidden) is hidden
+
+
+def test_spatial_mean_is_the_mean_with_a_broadcast_gradient():
+    torch.manual_seed(0)
+    hidden = (torch.randn(2, 6, 4, 5, requires_grad=True) * 1).contiguous(memory_format=torch.channels_last)
+    seen = []
+    hidden.register_hook(seen.append)
+    pooled = spatial_mean(hidden)
+    torch.testing.assert_close(pooled, hidden.mean(dim=(2, 3)))
+    grad = torch.randn(2, 6)
+    pooled.backward(grad)
+    assert seen[0].stride()[2:] == (0, 0)
+    torch.testing.assert_close(seen[0], (grad / 20)[:, :, None, None].expand(2, 6, 4, 5))
+
+
+def _gradient_laid_out_channels_last(grad: torch.Tensor) -> bool:
+    """Dense channels-last, or broadcast over positions with channels innermost (`spatial_mean`'s backward)."""
+    return grad.is_contiguous(memory_format=torch.channels_last) or (
+        grad.stride(2) == grad.stride(3) == 0 and grad.stride(1) == 1
+    )
+
+
+@pytest.mark.parametrize("model_class", [CMSAForImageClassification, CMSAForKeypointDetection, CMSAForHeadPoseEstimation])
+def test_channels_last_training_hands_every_conv_and_norm_its_gradient_channels_last(tiny, model_class):
+    """On CPU a convolution, BatchNorm or pooling backward whose gradient is laid out otherwise than its input runs
+    a slow strided loop: the windowing, concatenations and pooling of a channels-last model must not hand one on."""
+    torch.manual_seed(0)
+    model = model_class(tiny).train().to(memory_format=torch.channels_last)
+    layouts = {}
+
+    def watch(name):
+        def hook(module, inputs, output):
+            output.register_hook(lambda grad: layouts.__setitem__(name, _gradient_laid_out_channels_last(grad)))
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.AvgPool2d)):
+            module.register_forward_hook(watch(name))
+    pixels = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    outputs = model(pixels)
+    output = outputs.logits if model_class is CMSAForImageClassification else outputs[0]
+    (output * torch.randn_like(output)).sum().backward()
+    assert len(layouts) > 20
+    assert [name for name, channels_last in layouts.items() if not channels_last] == []
 
 
 def test_sdpa_and_eager_models_agree(tiny):
