@@ -63,15 +63,21 @@ class HeatmapCodec:
 
     # ------------------------------------------------------------------------------------------------ decode
 
-    def decode(self, heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """heatmaps (N, K, h, w) -> keypoints (N, K, 2) in input-crop pixels, scores (N, K) (the heatmap maxima)."""
+    def decode(self, heatmaps: torch.Tensor, kernel_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """heatmaps (N, K, h, w) -> keypoints (N, K, 2) in input-crop pixels, scores (N, K) (the heatmap maxima).
+        `kernel_size` (odd): DARK's modulation kernel instead of `blur_kernel_size()`; the "quarter" decoder has none."""
+        if kernel_size is not None:
+            if self.decoder != "dark":
+                raise ValueError(f"kernel_size sets DARK's Gaussian modulation; this codec decodes with {self.decoder!r}, which has none")
+            if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+                raise ValueError(f"kernel_size must be an odd positive integer, got {kernel_size!r}")
         heatmaps = torch.as_tensor(heatmaps).float()
         n, k, height, width = heatmaps.shape
         flat = heatmaps.reshape(n, k, -1)
         scores, index = flat.max(dim=-1)
         peak = torch.stack([index % width, index // width], dim=-1)  # integer (x, y) of the maximum
         if self.decoder == "dark":
-            offset = self._dark_offset(heatmaps, peak)
+            offset = self._dark_offset(heatmaps, peak, kernel_size or self.blur_kernel_size())
         else:
             offset = self._quarter_offset(heatmaps, peak)
         coordinates = (peak.float() + 0.5 + offset) * torch.as_tensor(self.stride, dtype=torch.float32, device=heatmaps.device)
@@ -100,9 +106,8 @@ class HeatmapCodec:
         """DARK's modulation kernel: 11 for sigma 2 (64x48 heatmaps), 5 for sigma 1 (32x24)."""
         return max(3, 2 * round(3 * self.sigma) - 1)
 
-    def _blur(self, heatmaps: torch.Tensor) -> torch.Tensor:
-        """Gaussian modulation (OpenCV's sigma for the kernel size), rescaled to keep each map's maximum."""
-        size = self.blur_kernel_size()
+    def _blur(self, heatmaps: torch.Tensor, size: int) -> torch.Tensor:
+        """Gaussian modulation with a `size` kernel (OpenCV's sigma for it), rescaled to keep each map's maximum."""
         sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
         positions = torch.arange(size, dtype=torch.float32, device=heatmaps.device) - size // 2
         taps = torch.exp(-(positions**2) / (2 * sigma**2))
@@ -117,10 +122,10 @@ class HeatmapCodec:
         blurred_max = maps.flatten(2).amax(-1)[..., None, None].clamp_min(1e-12)
         return maps * original_max / blurred_max
 
-    def _dark_offset(self, heatmaps: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    def _dark_offset(self, heatmaps: torch.Tensor, peak: torch.Tensor, kernel_size: int) -> torch.Tensor:
         """Newton step on the log-heatmap at its maximum: offset = -H^-1 g (second-order Taylor expansion)."""
         height, width = heatmaps.shape[-2:]
-        log_maps = torch.log(self._blur(heatmaps).clamp_min(1e-10))
+        log_maps = torch.log(self._blur(heatmaps, kernel_size).clamp_min(1e-10))
         x, y = peak[..., 0], peak[..., 1]
 
         def at(dx, dy):

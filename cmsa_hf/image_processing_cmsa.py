@@ -5,11 +5,13 @@ Crop geometry (`cmsa_hf.geometry`) uses continuous coordinates with pixel i span
 PIL's transforms.
 """
 
+import numbers
+
 import numpy as np
 import torch
 from PIL import Image
 from transformers.image_processing_backends import PilBackend
-from transformers.image_processing_utils import BatchFeature
+from transformers.image_processing_utils import BatchFeature, get_size_dict
 from transformers.image_transforms import convert_to_rgb, to_pil_image
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
@@ -62,6 +64,46 @@ def checked_image(image, index: int = 0):
     if high > 1 or array.ndim not in (2, 3):
         return image
     return to_rgb_image(np.round(array * 255).astype(np.uint8))
+
+
+def is_number(value) -> bool:
+    """A Python / NumPy number or a 0-d array / tensor."""
+    return isinstance(value, numbers.Number) or getattr(value, "ndim", None) == 0
+
+
+def format_box(box) -> str:
+    return "[" + ", ".join(f"{float(v):g}" if is_number(v) else repr(v) for v in box) + "]"
+
+
+def boxes_of_one_image(boxes) -> list:
+    """The boxes given for one image, in any of the accepted forms, as VitPose's form (one list of boxes per image,
+    here one): a flat box `[x, y, width, height]`, a list (or (N, 4) array / tensor) of boxes, or that list already
+    wrapped for one image (`[person_boxes]`, as transformers' VitPose docs pass it)."""
+    if is_number(boxes):
+        raise ValueError(f"boxes must be [x, y, width, height] boxes, got the number {boxes!r}")
+    if len(boxes) == 0:
+        return [boxes]
+    first = boxes[0]
+    if is_number(first):
+        return [[boxes]]
+    return [boxes] if len(first) and is_number(first[0]) else boxes
+
+
+def check_box_lists(boxes, images: int | None = None):
+    """Refuse `boxes` that are not one list of boxes per image (of `images` images when given)."""
+    if is_number(boxes) or (len(boxes) and is_number(boxes[0])):
+        raise ValueError(
+            f"boxes must hold one list of [x, y, width, height] boxes per image, e.g. [[box1, box2]]; got the flat box "
+            f"{format_box(boxes) if not is_number(boxes) else boxes}: for one image and one box pass [[{'x, y, width, height'}]]"
+        )
+    if images is not None and len(boxes) != images:
+        raise ValueError(f"boxes has {len(boxes)} entries for {images} images: give one list of boxes per image")
+    for index, image_boxes in enumerate(boxes):
+        if is_number(image_boxes) or (len(image_boxes) and is_number(image_boxes[0])):
+            raise ValueError(
+                f"boxes must hold one list of [x, y, width, height] boxes per image, e.g. [[box1, box2]]; entry {index} "
+                f"is one flat box {format_box(image_boxes) if not is_number(image_boxes) else image_boxes}: wrap it as [[x, y, width, height]]"
+            )
 
 
 class CMSAImageProcessor(PilBackend):
@@ -118,29 +160,30 @@ class CMSAImageProcessor(PilBackend):
 
     # -------------------------------------------------------------------------------------------- box crops
 
-    def crop_matrices(self, image_sizes, boxes) -> list[list[np.ndarray]]:
-        """Check the boxes of every image ((width, height) per image) and return their crop matrices.
+    def crop_matrices(self, image_sizes, boxes, output_size=None) -> list[list[np.ndarray]]:
+        """Check the boxes of every image ((width, height) per image; one list of boxes or (N, 4) array per image) and
+        return their crop matrices to `output_size` (height, width; the processor's size by default).
 
         A box partly outside its image is cropped with black padding; a box entirely outside, of zero size, or a
         box list that does not match the images is an error.
         """
-        if len(boxes) != len(image_sizes):
-            raise ValueError(f"boxes has {len(boxes)} entries for {len(image_sizes)} images: give one list of boxes per image")
+        check_box_lists(boxes, len(image_sizes))
+        output_size = output_size or self.input_size
         matrices = []
         for index, ((width, height), image_boxes) in enumerate(zip(image_sizes, boxes)):
             per_image = []
             for box_index, box in enumerate(image_boxes):
-                if len(box) != 4:
-                    raise ValueError(f"image {index}, box {box_index}: expected [x, y, width, height], got {list(box)}")
+                if is_number(box) or len(box) != 4:
+                    raise ValueError(f"image {index}, box {box_index}: expected [x, y, width, height], got {box!r}")
                 x, y, box_w, box_h = (float(v) for v in box)
                 if not np.isfinite([x, y, box_w, box_h]).all():
-                    raise ValueError(f"image {index}, box {box_index}: NaN or inf coordinates in {list(box)}")
+                    raise ValueError(f"image {index}, box {box_index}: NaN or inf coordinates in {format_box(box)}")
                 if not (box_w > 0 and box_h > 0):
-                    raise ValueError(f"image {index}, box {box_index}: zero or negative size in {list(box)}")
+                    raise ValueError(f"image {index}, box {box_index}: zero or negative size in {format_box(box)}")
                 if x >= width or y >= height or x + box_w <= 0 or y + box_h <= 0:
-                    raise ValueError(f"image {index}, box {box_index}: {list(box)} lies outside the {width}x{height} image")
-                centre, size = box_to_center_and_size(box, self.size.width / self.size.height, self.box_padding)
-                per_image.append(crop_matrix(centre, size, self.input_size))
+                    raise ValueError(f"image {index}, box {box_index}: {format_box(box)} lies outside the {width}x{height} image")
+                centre, size = box_to_center_and_size((x, y, box_w, box_h), output_size[1] / output_size[0], self.box_padding)
+                per_image.append(crop_matrix(centre, size, output_size))
             matrices.append(per_image)
         return matrices
 
@@ -150,26 +193,42 @@ class CMSAImageProcessor(PilBackend):
         std = np.asarray(self.image_std, dtype=np.float32)
         return ((crop * np.float32(self.rescale_factor) - mean) / std).transpose(2, 0, 1).astype(np.float32)
 
-    def preprocess(self, images, boxes=None, return_tensors=None, **kwargs) -> BatchFeature:
-        """images: one image or a list. boxes (optional): per image a list of `[x, y, width, height]`; for one
-        image, its list of boxes. With boxes, `pixel_values` holds one crop per box, in image order."""
+    def preprocess(
+        self, images, boxes=None, do_affine_transform: bool = True, normalize_factor: float = 200.0, **kwargs
+    ) -> BatchFeature:
+        """images: one image or a list. boxes (optional), COCO `[x, y, width, height]` in image pixels: one list of
+        boxes (or (N, 4) array / tensor) per image, as transformers' VitPose takes them; for one image also its list
+        of boxes or one flat box. With boxes, `pixel_values` holds one crop per box, in image order, of `size`.
+
+        The other arguments are transformers' image-processor ones (`size`, `do_rescale`, `rescale_factor`,
+        `do_normalize`, `image_mean`, `image_std`, `return_tensors`, ...), as VitPose's processor takes them; as
+        there, the crops are not resized, center-cropped or padded again. `do_affine_transform=False` processes the
+        images whole, ignoring the boxes. `normalize_factor` (VitPose's unit of box scale, 200 pixels) has no CMSA
+        counterpart: only its default is accepted (`box_padding` sets how much context a crop takes).
+        """
+        if normalize_factor != 200.0:
+            raise ValueError(
+                f"normalize_factor={normalize_factor}: CMSA has no equivalent of VitPose's box-scale unit; it crops each "
+                f"box grown by box_padding={self.box_padding} (set box_padding to change how much context a crop takes)"
+            )
         if isinstance(images, (list, tuple)):
             images = [checked_image(image, index) for index, image in enumerate(images)]
         else:
             images = checked_image(images)
-        if boxes is None:
-            return super().preprocess(images, return_tensors=return_tensors, **kwargs)
+        if boxes is None or not do_affine_transform:
+            return super().preprocess(images, **kwargs)
         if not isinstance(images, (list, tuple)):
-            images, boxes = [images], [boxes]
+            images, boxes = [images], boxes_of_one_image(boxes)
         images = [to_rgb_image(image) for image in images]
-        matrices = self.crop_matrices([image.size for image in images], boxes)
-        crops = [
-            self.normalize_crop(warp_image(image, matrix, self.input_size))
-            for image, image_matrices in zip(images, matrices)
-            for matrix in image_matrices
-        ]
-        pixel_values = np.stack(crops) if crops else np.zeros((0, 3, *self.input_size), np.float32)
-        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+        size = kwargs.pop("size", None)
+        output_size = self.input_size if size is None else tuple(get_size_dict(size, default_to_square=True).values())
+        matrices = self.crop_matrices([image.size for image in images], boxes, output_size)
+        crops = [warp_image(image, matrix, output_size) for image, image_matrices in zip(images, matrices) for matrix in image_matrices]
+        if not crops:
+            return BatchFeature(
+                data={"pixel_values": np.zeros((0, 3, *output_size), np.float32)}, tensor_type=kwargs.get("return_tensors")
+            )
+        return super().preprocess(crops, do_resize=False, do_center_crop=False, do_pad=False, **kwargs)
 
     # -------------------------------------------------------------------------------------------- pose
 
@@ -178,33 +237,53 @@ class CMSAImageProcessor(PilBackend):
         targets and decoding share it, so they share the Gaussian sigma."""
         return HeatmapCodec(self.input_size, heatmap_size, self.heatmap_sigma, self.decoder)
 
-    def post_process_keypoint_detection(self, outputs, boxes, image_sizes=None) -> list[list[dict]]:
+    def post_process_keypoint_detection(self, outputs, boxes, image_sizes=None, kernel_size: int | None = None) -> list[list[dict]]:
         """Decode heatmaps (`outputs.heatmaps`, boxes in the order of `preprocess`) to image coordinates.
 
         Returns per image a list of per box dicts: `keypoints` (K, 2) (x, y), `scores` (K,) (heatmap maxima),
         `labels` (keypoint names), `bbox`. `image_sizes` ((width, height) per image) checks the boxes again.
+        `kernel_size`: the Gaussian kernel of DARK's modulation (default: the codec's, from the heatmap sigma).
         """
         heatmaps = outputs.heatmaps if hasattr(outputs, "heatmaps") else outputs
-        if any(len(image_boxes) and np.ndim(image_boxes) != 2 for image_boxes in boxes):
-            raise ValueError("boxes must hold one list of [x, y, width, height] boxes per image, e.g. [[box1, box2]]")
+        check_box_lists(boxes)
         total = sum(len(image_boxes) for image_boxes in boxes)
         if heatmaps.shape[0] != total:
             raise ValueError(f"{heatmaps.shape[0]} heatmaps were given for {total} boxes")
-        coordinates, scores = self.heatmap_codec(heatmaps.shape[-2:]).decode(heatmaps.detach().float().cpu())
+        codec = self.heatmap_codec(heatmaps.shape[-2:])
+        coordinates, scores = codec.decode(heatmaps.detach().float().cpu(), kernel_size=kernel_size)
         return self.crop_keypoints_to_image(coordinates, scores, boxes, image_sizes)
 
-    def post_process_pose_estimation(self, outputs, boxes, threshold: float | None = None) -> list[list[dict]]:
-        """`post_process_keypoint_detection` in the output form of transformers' VitPose processor, so that code
-        written for `VitPoseForPoseEstimation` runs on CMSA: per image, per box `keypoints` (K', 2) (x, y), `scores`
-        (K',), `labels` (K',) integer keypoint ids and `bbox` (4,) as (x1, y1, x2, y2). Boxes go in as COCO
-        [x, y, width, height] in image pixels (as VitPose's); `threshold` keeps keypoints scoring above it."""
+    def post_process_pose_estimation(
+        self, outputs, boxes, kernel_size: int | None = None, threshold: float | None = None, target_sizes=None
+    ) -> list[list[dict]]:
+        """`post_process_keypoint_detection` with the arguments and output form of transformers' VitPose processor,
+        so that code written for `VitPoseForPoseEstimation` runs on CMSA: per image, per box `keypoints` (K', 2)
+        (x, y), `scores` (K',), `labels` (K',) integer keypoint ids and `bbox` (4,) as (x1, y1, x2, y2).
+
+        boxes: COCO [x, y, width, height] per image (lists or NumPy arrays), in image pixels, or, with
+        `target_sizes` ((height, width) per image, as transformers' post-processing takes them), relative to the
+        image ([0, 1]) and scaled by its size. `kernel_size`: DARK's Gaussian modulation kernel (odd; default the
+        codec's). `threshold` keeps the keypoints scoring above it.
+        """
+        check_box_lists(boxes)
+        image_sizes = None
+        if target_sizes is not None:
+            if len(target_sizes) != len(boxes):
+                raise ValueError(
+                    f"target_sizes has {len(target_sizes)} entries for {len(boxes)} images: give one (height, width) per image"
+                )
+            image_sizes = [(float(width), float(height)) for height, width in target_sizes]
+            boxes = [
+                [[float(v) * scale for v, scale in zip(box, (width, height, width, height))] for box in image_boxes]
+                for image_boxes, (width, height) in zip(boxes, image_sizes)
+            ]
         results = []
-        for image_poses in self.post_process_keypoint_detection(outputs, boxes):
+        for image_poses in self.post_process_keypoint_detection(outputs, boxes, image_sizes, kernel_size):
             per_image = []
             for pose in image_poses:
                 labels = torch.arange(len(pose["scores"]))
                 keep = pose["scores"] > threshold if threshold is not None else torch.ones_like(labels, dtype=torch.bool)
-                x, y, width, height = (float(v) for v in pose["bbox"])
+                x, y, width, height = pose["bbox"]
                 per_image.append(
                     {
                         "keypoints": pose["keypoints"][keep],
@@ -227,7 +306,7 @@ class CMSAImageProcessor(PilBackend):
             for box, matrix in zip(image_boxes, image_matrices):
                 keypoints = crop_points_to_image(np.asarray(coordinates[cursor]), matrix)
                 per_image.append(
-                    {"keypoints": torch.from_numpy(keypoints).float(), "scores": torch.as_tensor(scores[cursor]), "labels": names, "bbox": list(box)}
+                    {"keypoints": torch.from_numpy(keypoints).float(), "scores": torch.as_tensor(scores[cursor]), "labels": names, "bbox": [float(v) for v in box]}
                 )
                 cursor += 1
             results.append(per_image)

@@ -113,32 +113,6 @@ def test_pose_model_loads_as_remote_code(tmp_path):
     np.testing.assert_allclose(loaded["keypoints"], expected, rtol=0, atol=1e-4)
 
 
-def test_keypoint_detection_pipeline(tmp_path, monkeypatch):
-    model, processor = _saved_pose_model(tmp_path)
-    prompts = []
-    monkeypatch.setattr("builtins.input", lambda *args: prompts.append(args) or "n")
-    pose = pipeline("keypoint-detection", model=str(tmp_path))
-    assert not prompts
-    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 32, 3), dtype=np.uint8))
-    people = pose(image, boxes=BOXES)
-    assert [person["bbox"] for person in people] == BOXES
-    assert [k["label"] for k in people[0]["keypoints"]] == model.config.keypoint_names
-    with torch.no_grad():
-        outputs = model(**processor(image, boxes=BOXES, return_tensors="pt"))
-    expected = processor.post_process_keypoint_detection(outputs, [BOXES])[0]
-    for person, reference in zip(people, expected):
-        np.testing.assert_allclose([[k["x"], k["y"]] for k in person["keypoints"]], reference["keypoints"], atol=1e-4)
-    whole = pose(image)  # no box: the whole image is the person
-    assert whole[0]["bbox"] == [0, 0, 32, 40] and len(whole[0]["keypoints"]) == 17
-    confident = pose({"image": image, "boxes": BOXES[:1]}, threshold=1e9)
-    assert confident[0]["keypoints"] == []
-    assert pose(image, boxes=[]) == []  # no person: no result, and the model is not run on an empty batch
-    with pytest.raises(ValueError, match="lies outside"):
-        pose(image, boxes=[[100, 100, 10, 10]])
-    sixteen_bit = Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)  # the processor's conversion
-    assert pose(sixteen_bit, boxes=BOXES) == pose(image.convert("L").convert("RGB"), boxes=BOXES)
-
-
 def test_image_classification_pipeline(tmp_path, monkeypatch):
     _saved_classifier(tmp_path)
     prompts = []
@@ -186,27 +160,6 @@ def test_head_pose_model_loads_as_remote_code(tmp_path, head):
     )
     assert loaded["model"] == "CMSAForHeadPoseEstimation"
     np.testing.assert_allclose(loaded["angles"], expected, rtol=1e-5, atol=1e-4)
-
-
-def test_head_pose_pipeline(tmp_path, monkeypatch):
-    model, processor = _saved_head_pose_model(tmp_path)
-    prompts = []
-    monkeypatch.setattr("builtins.input", lambda *args: prompts.append(args) or "n")
-    head_pose = pipeline("head-pose-estimation", model=str(tmp_path))
-    assert not prompts
-    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 32, 3), dtype=np.uint8))
-    faces = head_pose(image, boxes=BOXES, return_rotation_matrix=True)
-    with torch.no_grad():
-        expected = model(**processor(image, boxes=BOXES, return_tensors="pt")).angles
-    assert [face["bbox"] for face in faces] == BOXES
-    for face, angles in zip(faces, expected.tolist()):
-        np.testing.assert_allclose([face["yaw"], face["pitch"], face["roll"]], angles, atol=1e-4)
-        assert np.asarray(face["rotation_matrix"]).shape == (3, 3)
-    (whole,) = head_pose(image, flip_test=True)
-    assert whole["bbox"] == [0, 0, 32, 40] and set(whole) == {"bbox", "yaw", "pitch", "roll"}
-    assert head_pose(image, boxes=[]) == []
-    with pytest.raises(ValueError, match="zero or negative size"):
-        head_pose(image, boxes=[[0, 0, 0, 5]])
 
 
 def test_trainer_lowers_the_loss(tmp_path):
