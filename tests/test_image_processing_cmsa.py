@@ -245,3 +245,40 @@ def test_8_bit_inputs_pass_through_unchanged():
 def test_empty_images_non_finite_pixels_and_boxes_are_refused(images, boxes, message):
     with pytest.raises(ValueError, match=message):
         _same_size_processor()(images, boxes=boxes)
+
+
+# -------------------------------------------------------------------------------------------- VitPose's forms
+
+
+def test_flat_box_for_one_image_and_vitpose_box_forms(processor):
+    image = _square_image()
+    one = processor(image, boxes=[[40, 20, 20, 40]], return_tensors="np").pixel_values
+    for boxes in ([40, 20, 20, 40], np.array([40, 20, 20, 40]), [np.array([[40, 20, 20, 40]])], np.array([[40, 20, 20, 40]])):
+        np.testing.assert_array_equal(processor(image, boxes=boxes, return_tensors="np").pixel_values, one)
+    with pytest.raises(ValueError, match=r"entry 0 is one flat box \[40, 20, 20, 40\]: wrap it as \[\[x, y, width, height\]\]"):
+        processor([image], boxes=[[40, 20, 20, 40]])
+    with pytest.raises(ValueError, match=r"boxes must hold one list of \[x, y, width, height\] boxes per image"):
+        processor.post_process_keypoint_detection(torch.zeros(1, 17, 32, 24), boxes=[40, 20, 20, 40])
+
+
+def test_vitpose_arguments(processor):
+    image, boxes = _square_image(), [np.array([[40.0, 20.0, 20.0, 40.0]])]
+    np.testing.assert_array_equal(
+        processor(image, boxes=boxes, do_affine_transform=False, return_tensors="np").pixel_values,
+        processor(image, return_tensors="np").pixel_values,
+    )
+    raw = processor(image, boxes=boxes, do_rescale=False, do_normalize=False, return_tensors="np").pixel_values
+    assert raw.max() == 255.0
+    assert processor(image, boxes=boxes, size={"height": 64, "width": 48}, return_tensors="np").pixel_values.shape == (1, 3, 64, 48)
+    with pytest.raises(ValueError, match="normalize_factor=100.0: CMSA has no equivalent"):
+        processor(image, boxes=boxes, normalize_factor=100.0)
+    heatmaps = torch.rand(1, 17, 32, 24, generator=torch.Generator().manual_seed(1))
+    default = processor.post_process_pose_estimation(heatmaps, boxes)[0][0]["keypoints"]
+    assert not torch.equal(processor.post_process_pose_estimation(heatmaps, boxes, kernel_size=11)[0][0]["keypoints"], default)
+    relative = [np.array([[0.4, 0.25, 0.2, 0.5]])]  # the same box relative to the 100x80 image
+    scaled = processor.post_process_pose_estimation(heatmaps, relative, target_sizes=[(80, 100)])[0][0]["keypoints"]
+    torch.testing.assert_close(scaled, default)
+    with pytest.raises(ValueError, match="kernel_size must be an odd positive integer"):
+        processor.post_process_pose_estimation(heatmaps, boxes, kernel_size=4)
+    with pytest.raises(ValueError, match="target_sizes has 2 entries for 1 images"):
+        processor.post_process_pose_estimation(heatmaps, boxes, target_sizes=[(80, 100), (80, 100)])
