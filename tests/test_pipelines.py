@@ -300,3 +300,42 @@ def test_photo_to_persons_to_keypoints_snippet(tmp_path, monkeypatch):
     lines = printed.getvalue().splitlines()
     assert len(lines) == len(persons) > 0 and all("'label': 'person'" in line and " nose " in line for line in lines)
     assert [r["bbox"] for r in pose(photo)] == _coco_boxes(persons)
+
+
+def test_vitpose_docs_example_runs_on_a_cmsa_folder(tmp_path):
+    """transformers' VitPose usage example, transcribed with the Hub models replaced by a saved CMSA keypoint folder
+    (AutoModelForPoseEstimation for VitPoseForPoseEstimation) and an untrained RT-DETR."""
+    from transformers import AutoModelForPoseEstimation, AutoProcessor
+
+    _saved_pose_model(tmp_path)
+    detector = tiny_person_detector()
+    person_image_processor, person_model = detector.image_processor, detector.model
+    image = _image(8, 120, 160)
+
+    inputs = person_image_processor(images=image, return_tensors="pt").to(person_model.device)
+    with torch.no_grad():
+        outputs = person_model(**inputs)
+    results = person_image_processor.post_process_object_detection(
+        outputs, target_sizes=torch.tensor([(image.height, image.width)]), threshold=0.3
+    )
+    result = results[0]
+    person_boxes = result["boxes"][result["labels"] == 0]
+    person_boxes = person_boxes.cpu().numpy()
+    person_boxes[:, 2] = person_boxes[:, 2] - person_boxes[:, 0]
+    person_boxes[:, 3] = person_boxes[:, 3] - person_boxes[:, 1]
+
+    image_processor = AutoProcessor.from_pretrained(str(tmp_path))
+    model = AutoModelForPoseEstimation.from_pretrained(str(tmp_path), device_map="auto")
+    inputs = image_processor(image, boxes=[person_boxes], return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        outputs = model(**inputs)
+    pose_results = image_processor.post_process_pose_estimation(outputs, boxes=[person_boxes])
+    image_pose_result = pose_results[0]
+    xy = torch.stack([pose_result["keypoints"] for pose_result in image_pose_result]).cpu().numpy()
+    scores = torch.stack([pose_result["scores"] for pose_result in image_pose_result]).cpu().numpy()
+
+    assert len(person_boxes) > 0 and xy.shape == (len(person_boxes), 17, 2) and scores.shape == (len(person_boxes), 17)
+    reference = image_processor.post_process_keypoint_detection(outputs, [person_boxes])[0]
+    np.testing.assert_array_equal(xy, np.stack([pose["keypoints"].numpy() for pose in reference]))
+    with pytest.raises(TypeError, match="dataset_index"):
+        model(**inputs, dataset_index=torch.tensor([0]))
