@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (Python 3.10+ and the package index are all they need):
 #   make demo   train CMSA-S on the embedded digits data set, evaluate, save a Hub-ready folder, reload, predict
-#   make test   run the test suite
+#   make test   run the test suite, the strict docs build and the snippets of README.md and docs/
 # Both create .venv with the pinned CPU build of torch (constraints.txt) on first use.
 
 PYTHON ?= python3
@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 setup: $(VENV)/.installed
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests README.md docs
 
 # The main job: CMSA-S on scikit-learn's digits upsampled to 16x16, with a plain recipe (no mixup, no flips:
 # digits are not mirror-symmetric), then a reload check of the Hub-ready folder.

@@ -10,7 +10,11 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from torch.utils.flop_counter import FlopCounterMode
 
 
-MODEL_CARDS_DIR = Path(__file__).resolve().parent / "model_cards"  # package data: ships in the wheel
+# Card templates: the top-level model_cards/ folder, installed as the package data cmsa_hf/model_cards/ (setup.cfg).
+MODEL_CARDS_DIR = next(
+    folder for folder in (Path(__file__).resolve().parent / "model_cards", Path(__file__).resolve().parents[1] / "model_cards")
+    if folder.is_dir()
+)
 REPARAMETERIZED_SUBFOLDER = "reparameterized"
 # Never uploaded: resumable training states and tracker logs.
 UPLOAD_IGNORE_PATTERNS = ["checkpoints/**", "runs/**", "*.tmp", "**/*.tmp/**"]
