@@ -119,6 +119,7 @@ def finetune(argv=None, prog: str | None = None) -> dict:
         callbacks=[AugmentationEpoch(train_transform)],
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()  # output_dir holds the trained model before evaluation: a failing one loses no training
     metrics = {
         **train_result.metrics, **trainer.evaluate(), "train_samples": len(splits["train"]),
         "eval_samples": len(splits["validation"]),
