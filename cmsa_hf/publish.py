@@ -5,7 +5,6 @@ optionally add the reparameterized inference copy, and upload it (or, with a dry
     cmsa-hf convert CHECKPOINT.pth --variant cmsa-l --image-size 32 24 --output-dir DIR   (convert_cmsa_original_to_hf)
 """
 
-import argparse
 import fnmatch
 import json
 import tempfile
@@ -15,7 +14,6 @@ from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoImageProcessor
 
 from . import modeling_cmsa
-from .convert_cmsa_original_to_hf import add_convert_command
 from .hub import (
     MODEL_INDEX_METRICS,
     REPARAMETERIZED_SUBFOLDER,
@@ -122,39 +120,3 @@ def publish(
         card.save(Path(folder) / "README.md")  # the folder then says what the repository says
         summary["url"] = push_folder_to_hub(folder, repo_id, token=token, private=private, revision=revision)
     return summary
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="cmsa-hf", description="cmsa_hf command line")
-    commands = parser.add_subparsers(dest="command", required=True)
-    command = commands.add_parser("publish", help="Check a Hub-ready folder and upload it to the Hub.")
-    command.add_argument("folder", help="A training script's output_dir.")
-    command.add_argument("--repo-id", required=True, help="you/model-name")
-    command.add_argument("--private", action="store_true")
-    command.add_argument("--revision", default=None, help="A branch to upload to (created if needed).")
-    command.add_argument("--token", default=None)
-    command.add_argument("--add-reparameterized", action="store_true", help="Also upload a folded inference copy.")
-    command.add_argument("--dry-run", action="store_true", help="Print what would be uploaded; upload nothing.")
-    add_convert_command(commands)
-    args = parser.parse_args(argv)
-    if args.command == "convert":
-        return args.run(args)
-
-    summary = publish(
-        args.folder, args.repo_id, token=args.token, private=args.private, revision=args.revision,
-        dry_run=args.dry_run, add_reparameterized=args.add_reparameterized,
-    )  # fmt: skip
-    print(f"{'Would upload' if args.dry_run else 'Uploaded'} to {args.repo_id}:")
-    for name in summary["files"]:
-        print(f"  {name}")
-    print(f"Card usage snippets, naming {args.repo_id}:")
-    for line in summary["usage"]:
-        print(f"  {line}")
-    print("Card metadata:")
-    print(json.dumps(summary["card"], indent=2))
-    if summary["url"]:
-        print(f"URL: {summary['url']}")
-
-
-if __name__ == "__main__":
-    main()

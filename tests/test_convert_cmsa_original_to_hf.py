@@ -21,7 +21,7 @@ from cmsa_hf.convert_cmsa_original_to_hf import (
     original_config,
 )
 from cmsa_hf.modeling_cmsa import CMSAReparamConv
-from cmsa_hf.publish import main
+from cmsa_hf.cli import main
 
 
 FIXTURE = SHARED_DATA / "authors-checkpoint"

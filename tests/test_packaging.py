@@ -1,5 +1,6 @@
 """What `pip install cmsa_hf` gives: the wheel built from this tree, installed non-editable into a fresh virtual
-environment, trains each task to its Hub-ready folder from outside the source tree.
+environment, trains each task to its Hub-ready folder from outside the source tree with its `cmsa-hf` command
+(`cmsa-hf train TASK`, `cmsa-hf finetune image-classification`).
 
 The fresh environment holds only the wheel; its dependencies come from this test run's environment through a
 `.pth` line (a path entry, so the editable install's finder there is not loaded), which keeps the test offline and
@@ -73,7 +74,8 @@ def test_installed_package_is_the_wheel(installed_python, tmp_path):
     location = run([str(installed_python), "-c", "import cmsa_hf; print(cmsa_hf.__file__)"], cwd=tmp_path).stdout
     assert Path(location.strip()).resolve().is_relative_to(installed_python.parent.parent.resolve())
     console_script = installed_python.parent / "cmsa-hf"
-    assert "publish" in run([str(console_script), "--help"], cwd=tmp_path).stdout
+    usage = run([str(console_script), "--help"], cwd=tmp_path).stdout.splitlines()[0]
+    assert "{train,finetune,publish,convert}" in usage
     # The shipped evaluate modules load from the installed package, offline.
     metric = (
         "from cmsa_hf import evaluation; mae = evaluation.load('cmsa_head_pose_mae', keep_in_memory=True); "
@@ -91,35 +93,50 @@ def tiny_model(model_class, folder: Path) -> Path:
 
 
 def task_runs(root: Path):
-    """(script, arguments) of a two-step run of each task on tiny data."""
+    """(`cmsa-hf train` task, arguments) of a two-step run of each task on tiny data."""
     annotation_file = make_coco_keypoints(root / "coco", num_images=4)
     faces = make_aflw2000(root / "AFLW2000", count=6)
     common = ["--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--num_warmup_steps", "1",
               "--max_train_steps", "2", "--learning_rate", "1e-3"]  # fmt: skip
-    yield "image-classification/run_classification.py", [
+    yield "image-classification", [
         "--dataset_name", "digits", "--model_name_or_path", str(tiny_model(CMSAForImageClassification, root / "cls")),
         "--image_size", "16", "16", "--output_dir", str(root / "out-classification"), *common,
     ]  # fmt: skip
-    yield "keypoint-detection/run_keypoints.py", [
+    yield "keypoint-detection", [
         "--train_annotation_file", str(annotation_file), "--train_image_dir", str(root / "coco" / "images"),
         "--model_name_or_path", str(tiny_model(CMSAForKeypointDetection, root / "pose")), "--image_size", "16", "16",
         "--output_dir", str(root / "out-keypoints"), *common,
     ]  # fmt: skip
-    yield "head-pose/run_head_pose.py", [
+    yield "head-pose", [
         "--train_data", str(faces), "--train_format", "aflw2000", "--validation_split_size", "3",
         "--model_name_or_path", str(tiny_model(CMSAForHeadPoseEstimation, root / "head")), "--image_size", "16", "16",
         "--output_dir", str(root / "out-head-pose"), *common,
     ]  # fmt: skip
 
 
+def assert_hub_ready(output_dir: Path, what: str):
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "all_results.json"):
+        assert (output_dir / name).is_file(), f"{what}: {name}"
+    assert json.loads((output_dir / "all_results.json").read_text()), what
+    assert "model-index" in (output_dir / "README.md").read_text(), what
+
+
 def test_each_task_trains_to_a_hub_ready_folder_from_the_wheel(installed_python, tmp_path):
-    # The scripts are copied out of the source tree so that nothing can import the repository's cmsa_hf.
-    examples = tmp_path / "examples"
-    shutil.copytree(REPO_ROOT / "examples", examples, ignore=NOT_SOURCE)
-    for script, arguments in task_runs(tmp_path):
-        run([str(installed_python), str(examples / script), *arguments], cwd=tmp_path)
-        output_dir = Path(arguments[arguments.index("--output_dir") + 1])
-        for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "all_results.json"):
-            assert (output_dir / name).is_file(), f"{script}: {name}"
-        assert json.loads((output_dir / "all_results.json").read_text()), script
-        assert "model-index" in (output_dir / "README.md").read_text(), script
+    cmsa_hf = str(installed_python.parent / "cmsa-hf")
+    for task, arguments in task_runs(tmp_path):
+        help_text = run([cmsa_hf, "train", task, "--help"], cwd=tmp_path).stdout
+        assert help_text.startswith(f"usage: cmsa-hf train {task} ") and "--output_dir" in help_text, task
+        run([cmsa_hf, "train", task, *arguments], cwd=tmp_path)
+        assert_hub_ready(Path(arguments[arguments.index("--output_dir") + 1]), task)
+
+
+def test_trainer_fine_tuning_from_the_wheel(installed_python, tmp_path):
+    cmsa_hf = str(installed_python.parent / "cmsa-hf")
+    assert "--eval_strategy" in run([cmsa_hf, "finetune", "image-classification", "--help"], cwd=tmp_path).stdout
+    run([
+        cmsa_hf, "finetune", "image-classification", "--model_name_or_path",
+        str(tiny_model(CMSAForImageClassification, tmp_path / "cls")), "--dataset_name", "digits",
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "64", "--save_strategy", "no", "--report_to", "none", "--use_cpu",
+    ], cwd=tmp_path)  # fmt: skip
+    assert_hub_ready(tmp_path / "out", "finetune")

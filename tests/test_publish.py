@@ -11,7 +11,8 @@ from conftest import tiny_config
 from test_run_classification import make_image_folder
 
 from cmsa_hf import CMSAForImageClassification
-from cmsa_hf.publish import main, publish, validate_folder
+from cmsa_hf.cli import main
+from cmsa_hf.publish import publish, validate_folder
 
 
 @pytest.fixture(scope="module")

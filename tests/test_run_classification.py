@@ -320,7 +320,7 @@ def test_trainer_fine_tuning_script(data, tiny_model, tmp_path):
     summary = publish(tmp_path, "me/finetuned", dry_run=True)
     assert summary["card"]["model-index"][0]["results"][0]["metrics"][0]["value"] == metrics["eval_accuracy"]
     assert any('model="me/finetuned"' in line for line in summary["usage"])
-    assert "run_trainer.py (transformers Trainer)" in (tmp_path / "README.md").read_text()
+    assert "cmsa-hf finetune image-classification (transformers Trainer)" in (tmp_path / "README.md").read_text()
 
 
 def test_trainer_script_takes_the_embedded_digits(tiny_model, tmp_path):

@@ -4,6 +4,7 @@ exact resume, detected boxes, two processes, publishing (HfApi patched)."""
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -15,6 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForKeypointDetection
 
 from cmsa_hf import CMSAForKeypointDetection
+from cmsa_hf.extras import MissingExtraError
+from cmsa_hf.tasks import KeypointDetectionTask
 
 
 SCRIPT = REPO_ROOT / "examples" / "keypoint-detection" / "run_keypoints.py"
@@ -130,3 +133,35 @@ def test_image_size_must_match_the_checkpoint(coco, tiny_pose_model, tmp_path):
     args[args.index("--image_size") + 1 : args.index("--image_size") + 3] = ["32", "24"]
     with pytest.raises(ValueError, match="differs from the checkpoint's image_size"):
         run_keypoints.main(args)
+
+
+def test_without_pycocotools_the_run_stops_before_reading_data_naming_the_extra(coco, tiny_pose_model, tmp_path, monkeypatch):
+    for name in [name for name in sys.modules if name.split(".")[0] == "pycocotools"] + ["pycocotools"]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import pycocotools...` now fails as if not installed
+    started = time.perf_counter()
+    with mock.patch.object(KeypointDetectionTask, "load_data") as load_data:
+        with pytest.raises(MissingExtraError, match=r"keypoint-detection task needs the `pose` extra.*pycocotools"):
+            run_keypoints.main(script_args(coco, tiny_pose_model, tmp_path / "out", "--max_train_steps", "3"))
+    elapsed = time.perf_counter() - started
+    print(f"failed after {elapsed:.2f} s")
+    load_data.assert_not_called()
+    assert elapsed < 10 and not (tmp_path / "out").exists()
+
+
+def test_a_failing_evaluation_after_training_keeps_the_trained_weights(coco, tiny_pose_model, tmp_path):
+    compute_metrics = KeypointDetectionTask.compute_metrics
+
+    def fail_at_the_final_evaluation(self, args, outputs, name):
+        if name == "eval":
+            raise ModuleNotFoundError("No module named 'pycocotools'")
+        return compute_metrics(self, args, outputs, name)
+
+    with mock.patch.object(KeypointDetectionTask, "compute_metrics", fail_at_the_final_evaluation):
+        with pytest.raises(RuntimeError, match=f"evaluation after training failed.*saved in {tmp_path}") as error:
+            run_keypoints.main(script_args(coco, tiny_pose_model, tmp_path, "--max_train_steps", "3"))
+    assert isinstance(error.value.__cause__, ModuleNotFoundError)
+    trained, initial = load_file(tmp_path / "model.safetensors"), load_file(tiny_pose_model / "model.safetensors")
+    assert trained.keys() == initial.keys() and any(not torch.equal(trained[k], initial[k]) for k in trained)
+    reloaded = AutoModelForKeypointDetection.from_pretrained(tmp_path)
+    assert all(torch.equal(value, trained[key]) for key, value in reloaded.state_dict().items() if key in trained)
+    assert (tmp_path / "preprocessor_config.json").is_file() and not (tmp_path / "all_results.json").exists()

@@ -1,7 +1,8 @@
 """`Task`: what a training task tells `cmsa_hf.tasks.run`, which owns everything the tasks share (flags, Accelerate,
 seeding, the train loop, checkpoints and resume, the gathered evaluation, the Hub-ready folder).
 
-A fourth task subclasses `Task` and fills in its attributes and hooks; `run` calls them in this order:
+A fourth task subclasses `Task` and fills in its attributes and hooks; `run` checks its `extras`, then calls the
+hooks in this order:
 
     add_arguments(parser)          its own flags (the runner adds the common ones: model, recipe, checkpoints, Hub)
     check_arguments(args, parser)  argument checks across flags (`parser.error(...)`)
@@ -44,6 +45,8 @@ class Task:
     """The `CMSAPreTrainedModel` subclass trained, e.g. `CMSAForImageClassification`."""
     make_card = None
     """The `cmsa_hf.hub` card function of the task (a template in `cmsa_hf/model_cards/`)."""
+    extras: tuple[str, ...] = ("train",)
+    """The cmsa_hf extras the task needs (`cmsa_hf.extras.EXTRAS`), checked before any data is read."""
     training_unit: str = "samples"
     """What one training example is, in error messages ("images", "faces")."""
     offers_eval_before_training: bool = False

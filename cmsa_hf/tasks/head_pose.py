@@ -50,6 +50,7 @@ class HeadPoseTask(Task):
     name = "head-pose-estimation"
     model_class = CMSAForHeadPoseEstimation
     make_card = staticmethod(head_pose_card)
+    extras = ("train", "headpose")
     training_unit = "faces"
     recipe = {
         **Task.recipe,

@@ -39,6 +39,7 @@ class KeypointDetectionTask(Task):
     name = "keypoint-detection"
     model_class = CMSAForKeypointDetection
     make_card = staticmethod(keypoint_detection_card)
+    extras = ("train", "pose")
     training_unit = "person instances"
     offers_eval_before_training = True
     recipe = {

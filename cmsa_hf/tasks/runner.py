@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
+from ..extras import require_extras
 from ..hub import write_hub_folder
 from ..publish import publish
 from ..training import make_accelerator, make_optimizer_and_scheduler, make_train_dataloader, prepare_output_dir, train_loop
@@ -99,9 +100,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, offers_eval_before_tra
     group.add_argument("--hub_private_repo", action="store_true")
 
 
-def parse_args(task: Task, argv=None, description: str | None = None) -> argparse.Namespace:
+def parse_args(task: Task, argv=None, description: str | None = None, prog: str | None = None) -> argparse.Namespace:
     """The task's flags, then the common ones, with the task's recipe as defaults; then the task's checks."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     task.add_arguments(parser)
     add_common_arguments(parser, task.offers_eval_before_training)
     unknown = set(task.recipe) - {action.dest for action in parser._actions}
@@ -113,10 +116,14 @@ def parse_args(task: Task, argv=None, description: str | None = None) -> argpars
     return args
 
 
-def run(task: Task, argv=None, description: str | None = None) -> dict:
+def run(task: Task, argv=None, description: str | None = None, prog: str | None = None) -> dict:
     """Train and evaluate `task` as the command line `argv` says (default: `sys.argv`), write the Hub-ready folder
-    (and upload it with `--push_to_hub`). Returns the results written to `all_results.json`."""
-    args = parse_args(task, argv, description)
+    (and upload it with `--push_to_hub`). Returns the results written to `all_results.json`.
+
+    The task's extras are checked before any data is read; the trained model is saved into `output_dir` before the
+    final evaluation, so that an evaluation that fails loses no training."""
+    args = parse_args(task, argv, description, prog)
+    require_extras(*task.extras, needed_by=f"The {task.name} task")
     accelerator = make_accelerator(args)
     set_seed(args.seed)
     prepare_output_dir(accelerator, args)
@@ -155,8 +162,15 @@ def run(task: Task, argv=None, description: str | None = None) -> dict:
         lambda batch: task.compute_loss(args, training_model, task.model_inputs(args, batch, True)), task.set_epoch,
         on_epoch_end,
     )  # fmt: skip
+    save_trained_model(accelerator, args, model, processor)
     started = time.perf_counter()
-    results = evaluate_as("eval")
+    try:
+        results = evaluate_as("eval")
+    except Exception as error:
+        raise RuntimeError(
+            f"The evaluation after training failed ({type(error).__name__}: {error}); the trained model is saved in "
+            f"{args.output_dir} (model.safetensors, config.json, preprocessor_config.json)"
+        ) from error
     results.update(initial, **training_summary(stats, len(data["train"]), started))
     if args.time_budget_s is not None:
         results["train_stopped_by_time_budget"] = stats["stopped_by_time_budget"]
@@ -197,6 +211,18 @@ def evaluate(accelerator: Accelerator, task: Task, args, model, dataloader, name
     if accelerator.is_main_process:
         metrics[0] = task.compute_metrics(args, {key: torch.cat(values) for key, values in gathered.items()}, name)
     return broadcast_object_list(metrics)[0]
+
+
+def save_trained_model(accelerator: Accelerator, args, model, processor):
+    """Save the trained weights, config and processor into `output_dir` (main process) before the final evaluation;
+    `finish_run` then completes the Hub-ready folder."""
+    if accelerator.is_main_process:
+        network = accelerator.unwrap_model(model)
+        # channels_last weights are saved contiguous (as `finish_run` saves them), without changing the model's layout
+        network.save_pretrained(args.output_dir, state_dict={k: v.contiguous() for k, v in network.state_dict().items()})
+        processor.save_pretrained(args.output_dir)
+        accelerator.print(f"Trained model saved in {args.output_dir} (before the final evaluation)")
+    accelerator.wait_for_everyone()
 
 
 def training_summary(stats: dict, train_samples: int, eval_started: float) -> dict:

@@ -9,6 +9,8 @@ on BIWI. Defaults follow its recipe (AdamW 2.5e-3, cosine, batch 96, 100 epochs,
         --validation_data AFLW2000 --validation_format aflw2000 --variant cmsa-s --output_dir outputs/head-pose-cmsa-s
 
 Without a validation set, `--validation_split_size N` holds out N training faces (seeded).
+
+The same as `cmsa-hf train head-pose` (installed with the package); the task lives in `cmsa_hf.tasks`.
 """
 
 from cmsa_hf.tasks import HeadPoseTask, run

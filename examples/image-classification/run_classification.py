@@ -8,6 +8,8 @@ handwritten digits: no download). Model: a saved folder or Hub id (--model_name_
 
     accelerate launch examples/image-classification/run_classification.py --dataset_name digits \
         --variant cmsa-s --image_size 16 16 --output_dir outputs/digits-cmsa-s
+
+The same as `cmsa-hf train image-classification` (installed with the package); the task lives in `cmsa_hf.tasks`.
 """
 
 from cmsa_hf.tasks import ImageClassificationTask, run

@@ -11,6 +11,8 @@ results json (--detections_file, the detected-box protocol with OKS NMS). Defaul
         --train_annotation_file coco/annotations/person_keypoints_train2017.json --train_image_dir coco/train2017 \
         --validation_annotation_file coco/annotations/person_keypoints_val2017.json \
         --validation_image_dir coco/val2017 --variant cmsa-s --image_size 32 24 --output_dir outputs/coco-cmsa-s
+
+The same as `cmsa-hf train keypoint-detection` (installed with the package); the task lives in `cmsa_hf.tasks`.
 """
 
 from cmsa_hf.tasks import KeypointDetectionTask, run
