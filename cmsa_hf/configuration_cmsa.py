@@ -1,6 +1,7 @@
 """CMSA model configuration and the paper's S / B / L presets."""
 
 import math
+import numbers
 import re
 import warnings
 
@@ -102,13 +103,17 @@ def _tasks_served_remotely(custom_pipelines: dict) -> dict:
     return {task: entry for task, entry in custom_pipelines.items() if task not in PIPELINE_REGISTRY.supported_tasks}
 
 
-def _pair(value) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 2:
-        raise ValueError(f"image_size must be an int or a (height, width) pair, got {value}")
-    return value
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _pair(value, name: str = "image_size") -> tuple[int, int]:
+    """An int (a square) or a (height, width) pair of ints; anything else (a string, a float) is refused."""
+    if _is_integer(value):
+        return (int(value), int(value))
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(map(_is_integer, value)):
+        raise ValueError(f"{name} must be an int or a (height, width) pair of ints, got {value!r}")
+    return tuple(int(v) for v in value)
 
 
 class CMSAConfig(PreTrainedConfig):
@@ -232,7 +237,9 @@ class CMSAConfig(PreTrainedConfig):
         self.depths = [int(d) for d in self.depths]
         self.num_heads = [[int(h) for h in stage] for stage in self.num_heads]
         self.window_splits = [[int(s) for s in stage] for stage in self.window_splits]
-        self.fixed_window_sizes = [[list(_pair(window)) for window in stage] for stage in self.fixed_window_sizes]
+        self.fixed_window_sizes = [
+            [list(_pair(window, "fixed_window_sizes")) for window in stage] for stage in self.fixed_window_sizes
+        ]
         self.kv_pool_ratios = [[int(r) for r in stage] for stage in self.kv_pool_ratios]
         self.ssr_stage_bins = [int(b) for b in self.ssr_stage_bins]
         self._set_keypoint_metadata()
@@ -351,6 +358,10 @@ class CMSAConfig(PreTrainedConfig):
                 )
 
     def _validate_architecture(self):
+        from transformers.activations import ACT2FN  # noqa: PLC0415 (torch: not imported with the configuration)
+
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"hidden_act must be one of {', '.join(sorted(ACT2FN))}, got {self.hidden_act!r}")
         if self.window_layout not in WINDOW_LAYOUTS:
             raise ValueError(f"window_layout must be one of {WINDOW_LAYOUTS}, got {self.window_layout!r}")
         per_stage = ("depths", "num_heads", "window_splits", "kv_pool_ratios")

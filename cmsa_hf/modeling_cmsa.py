@@ -1035,6 +1035,19 @@ class CMSAPreTrainedModel(PreTrainedModel):
             del self.config.custom_pipelines
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload a repository that loads through its pipeline: weights, config, remote code, the image processor
+        (`processor=`, default the config's) and a CMSA model card (`card=`), by `cmsa_hf.hub.push_model_to_hub`."""
+        try:
+            from cmsa_hf.hub import push_model_to_hub  # noqa: PLC0415 (not needed to load the remote code)
+        except ImportError:
+            warnings.warn(
+                "cmsa_hf is not installed: uploading with transformers' push_to_hub (no image processor, generic "
+                "card); install cmsa_hf for a repository that loads through its pipeline", UserWarning, stacklevel=2,
+            )  # fmt: skip
+            return super().push_to_hub(repo_id, **kwargs)
+        return push_model_to_hub(self, repo_id, **kwargs)
+
     def _custom_pipelines(self, save_directory) -> dict:
         """The `custom_pipelines` entry of `pipeline_task` (as `Pipeline.save_pretrained` writes it), its code copied
         into `save_directory`; empty when the task's pipeline is transformers' own or not registered here."""

@@ -19,6 +19,7 @@ from .hub import (
     REPARAMETERIZED_SUBFOLDER,
     UPLOAD_IGNORE_PATTERNS,
     card_for_repo,
+    check_card_metadata,
     push_folder_to_hub,
     save_reparameterized_copy,
 )
@@ -33,8 +34,8 @@ RESULT_KEY_OF_METRIC = {
 def validate_folder(folder) -> dict:
     """Load what a user will load and check the card against the run's results. Returns the card metadata.
 
-    Raises a ValueError naming the problem: a missing file, weights or processor that do not load, a card without a
-    model-index for a folder with measured results, a model-index metric whose value is not the `all_results.json`
+    Raises a ValueError naming the problem: a missing file, weights or processor that do not load, card metadata the
+    Hub would not read as meant (`check_card_metadata`), a card without a model-index for a folder with measured results, a model-index metric whose value is not the `all_results.json`
     value of the same metric (matched by metric type, e.g. `oks-ap50` to `eval_AP50`) or that names no result.
     """
     folder = Path(folder)
@@ -46,6 +47,7 @@ def validate_folder(folder) -> dict:
 
     card = ModelCard.load(folder / "README.md")
     metadata = card.data.to_dict()
+    check_card_metadata(metadata, folder / "README.md")
     results_file = folder / "all_results.json"
     results = json.loads(results_file.read_text())
     metrics = [

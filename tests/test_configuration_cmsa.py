@@ -185,3 +185,14 @@ def test_another_set_reads_its_flip_pairs_from_the_names_and_warns_about_sigmas(
 def test_keypoint_metadata_is_validated(overrides, message):
     with pytest.raises(ValueError, match=message):
         CMSAConfig(**overrides)
+
+
+@pytest.mark.parametrize("image_size", ["32", 16.0, (32, 24.0), (32, 24, 3), True])
+def test_image_size_of_another_type_is_refused(image_size):
+    with pytest.raises(ValueError, match=r"image_size must be an int or a \(height, width\) pair of ints, got "):
+        CMSAConfig(image_size=image_size)
+
+
+def test_unknown_hidden_act_is_refused_at_construction_with_the_allowed_values():
+    with pytest.raises(ValueError, match=r"hidden_act must be one of .*gelu.*relu.*swish.*, got 'swishy'"):
+        CMSAConfig(hidden_act="swishy")

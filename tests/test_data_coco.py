@@ -50,7 +50,12 @@ def _rewrite(annotation_file, tmp_path, change) -> str:
         (lambda c: c["categories"][0].pop("keypoints"), ValueError, "no category lists keypoints"),
         (lambda c: c["annotations"][0].pop("keypoints"), ValueError, "annotation 10 has no 'keypoints' field"),
         (lambda c: c.update(categories=[{"id": 3, "name": "car"}]), ValueError, r"no category lists keypoints .*\['car'\]"),
-        (lambda c: c["annotations"][0].update(keypoints=[1, 2, 2] * 5), ValueError, "has 5 keypoints, expected 17"),
+        (lambda c: c["annotations"][0].update(keypoints=[1, 2, 2] * 5), ValueError, r"changed.json: annotation 10 has 'keypoints' of length 15, expected 3 x 17 = 51"),
+        (lambda c: c["annotations"][0].update(keypoints=[1.0] * 50), ValueError, r"changed.json: annotation 10 has 'keypoints' of length 50, expected 3 x 17 = 51"),
+        (lambda c: c["annotations"][0].pop("bbox"), ValueError, r"changed.json: annotation 10 has no 'bbox' field"),
+        (lambda c: c["images"][0].pop("width"), ValueError, r"changed.json: image 1 has no 'width' field"),
+        (lambda c: c["annotations"][0].update(image_id=99), ValueError, r"changed.json: annotation 10 has image_id 99, which is not in the file's 'images'"),
+        (lambda c: c["annotations"][0].pop("id") and c["annotations"][0].pop("keypoints"), ValueError, r"changed.json: annotation #0 has no 'keypoints' field"),
         (lambda c: c["images"][0].update(file_name="gone.png"), FileNotFoundError, "missing from"),
         (lambda c: c.update(annotations=c["annotations"][1:4]), ValueError, "No person instance left"),
     ],
@@ -221,3 +226,20 @@ def test_without_an_upper_body_set_there_are_no_half_body_crops(persons):
     rng = np.random.default_rng(0)
     assert np.allclose(none.crop_geometry(persons[0], rng)[0], box_crop)
     assert not np.allclose(half.crop_geometry(persons[0], np.random.default_rng(0))[0], box_crop)
+
+
+def test_a_detection_without_score_names_file_entry_and_field(coco, tmp_path):
+    annotation_file, image_dir = coco
+    detections = tmp_path / "detections.json"
+    detections.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [5, 5, 30, 40], "score": 0.9},
+                                      {"image_id": 2, "category_id": 1, "bbox": [5, 5, 30, 40]}]))  # fmt: skip
+    with pytest.raises(ValueError, match=r"detections.json: detection #1 has no 'score' field"):
+        load_coco_keypoints(annotation_file, image_dir, detections_file=detections)
+
+
+def test_a_file_that_is_not_json_is_named(coco, tmp_path):
+    _, image_dir = coco
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [1, 2')
+    with pytest.raises(ValueError, match=r"COCO annotation file .*broken.json is not JSON: .*line 1 column"):
+        load_coco_keypoints(broken, image_dir)

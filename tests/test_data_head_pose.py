@@ -262,3 +262,17 @@ def test_a_biwi_head_centre_at_depth_zero_is_refused(tmp_path):
     (tmp_path / "hpdb" / "01" / "frame_00003_pose.txt").write_text("1 0 0\n0 1 0\n0 0 1\n\n0 0 0\n")
     with pytest.raises(ValueError, match=r"frame_00003_pose.txt: the head centre is at depth -?[\d.]+ mm in the RGB camera"):
         load_biwi(tmp_path)
+
+
+def test_a_corrupt_mat_file_is_named(tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "IBUG_image_008_1_0.jpg")
+    (tmp_path / "IBUG_image_008_1_0.mat").write_bytes(b"MATLAB 5.0 MAT-file, truncated" + bytes(20))
+    with pytest.raises(ValueError, match=r"IBUG_image_008_1_0.mat is not a readable MATLAB .mat label file"):
+        load_300w_lp(tmp_path)
+
+
+def test_an_odd_length_pt2d_is_named(tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "image00002.jpg")
+    scipy.io.savemat(tmp_path / "image00002.mat", {"Pose_Para": np.zeros((1, 7)), "pt2d": np.arange(41.0)[None]})
+    with pytest.raises(ValueError, match=r"image00002.mat: 'pt2d' holds 41 values .*expected 2 x N"):
+        load_aflw2000(tmp_path)

@@ -34,7 +34,30 @@ def _read_json(path, what: str):
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     with path.open() as handle:
-        return json.load(handle)
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{what} {path} is not JSON: {error}") from None
+
+
+def _field(entry, name: str, what: str, path):
+    """`entry[name]`, or a ValueError naming the file, the entry (`what`, e.g. "annotation 5") and the field."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: {what} is not a JSON object but {type(entry).__name__}")
+    if name not in entry:
+        raise ValueError(f"{path}: {what} has no {name!r} field")
+    return entry[name]
+
+
+def _image_of(images: dict, entry: dict, what: str, path) -> dict:
+    """The image record `entry` refers to, with the fields the rows need checked."""
+    image_id = _field(entry, "image_id", what, path)
+    if image_id not in images:
+        raise ValueError(f"{path}: {what} has image_id {image_id!r}, which is not in the file's 'images'")
+    image = images[image_id]
+    for name in ("file_name", "width", "height"):
+        _field(image, name, f"image {image_id}", path)
+    return image
 
 
 def clean_box(box, width: int, height: int) -> list[float] | None:
@@ -68,42 +91,47 @@ def load_coco_keypoints(
     for key in ("images", "annotations"):
         if key not in coco:
             raise ValueError(f"{annotation_file} is not a COCO annotation file: it has no {key!r} field")
-    images = {image["id"]: image for image in coco["images"]}
+    images = {_field(image, "id", f"entry {index} of 'images'", annotation_file): image for index, image in enumerate(coco["images"])}
     category = keypoint_category(coco, annotation_file)
     category_id, num_keypoints = category["id"], len(category["keypoints"])
     image_dir = Path(image_dir)
 
     rows = []
     if detections_file is None:
-        for annotation in coco["annotations"]:
-            if annotation.get("category_id") != category_id or annotation.get("iscrowd", 0):
+        for index, annotation in enumerate(coco["annotations"]):
+            what = f"annotation {annotation['id']}" if isinstance(annotation, dict) and "id" in annotation else f"annotation #{index}"
+            if _field(annotation, "category_id", what, annotation_file) != category_id or annotation.get("iscrowd", 0):
                 continue
-            if "keypoints" not in annotation:
-                raise ValueError(f"{annotation_file}: annotation {annotation.get('id')} has no 'keypoints' field")
-            values = np.asarray(annotation["keypoints"], dtype=np.float32).reshape(-1, 3)
-            if values.shape[0] != num_keypoints:
+            values = _field(annotation, "keypoints", what, annotation_file)
+            if not isinstance(values, list) or len(values) != 3 * num_keypoints:
+                length = len(values) if isinstance(values, list) else type(values).__name__
                 raise ValueError(
-                    f"{annotation_file}: annotation {annotation['id']} has {values.shape[0]} keypoints, expected {num_keypoints}"
+                    f"{annotation_file}: {what} has 'keypoints' of length {length}, expected 3 x {num_keypoints} = "
+                    f"{3 * num_keypoints} (x, y, visibility per keypoint)"
                 )
+            values = np.asarray(values, dtype=np.float32).reshape(-1, 3)
             if not (values[:, 2] > 0).any():
                 continue
-            image = images[annotation["image_id"]]
-            box = clean_box(annotation["bbox"], image["width"], image["height"])
+            image = _image_of(images, annotation, what, annotation_file)
+            box = clean_box(_field(annotation, "bbox", what, annotation_file), image["width"], image["height"])
             if box is None or box[2] < min_box_size or box[3] < min_box_size or annotation.get("area", 1) <= 0:
                 continue
             rows.append(_row(image, image_dir, annotation["id"], box, values, annotation.get("area", 0.0), 1.0))
     else:
-        for detection in _read_json(detections_file, "detections file"):
+        for index, detection in enumerate(_read_json(detections_file, "detections file")):
+            what = f"detection #{index}"
+            score, image_id = _field(detection, "score", what, detections_file), _field(detection, "image_id", what, detections_file)
             if detection.get("category_id", category_id) != category_id:
                 continue
-            if detection["score"] < min_detection_score or detection["image_id"] not in images:
+            # Detections of images the annotation file does not hold (a subset of the detector's images) are skipped.
+            if score < min_detection_score or image_id not in images:
                 continue
-            image = images[detection["image_id"]]
-            box = clean_box(detection["bbox"], image["width"], image["height"])
+            image = _image_of(images, detection, what, detections_file)
+            box = clean_box(_field(detection, "bbox", what, detections_file), image["width"], image["height"])
             if box is None or box[2] < min_box_size or box[3] < min_box_size:
                 continue
             empty = np.zeros((num_keypoints, 3), dtype=np.float32)
-            rows.append(_row(image, image_dir, -1, box, empty, box[2] * box[3], detection["score"]))
+            rows.append(_row(image, image_dir, -1, box, empty, box[2] * box[3], score))
     if not rows:
         raise ValueError(f"No {category.get('name', 'keypoint')} instance left in {detections_file or annotation_file} after filtering")
     missing = sorted({row["image"]["path"] for row in rows if not Path(row["image"]["path"]).is_file()})

@@ -104,10 +104,18 @@ def load_aflw2000(root, max_angle: float = 99.0, loosen: float = 0.2, return_dro
 def _mat_row(mat_file: Path, image_file: Path, name: str, loosen: float) -> dict:
     if not image_file.is_file():
         raise FileNotFoundError(f"Image {image_file} for label file {mat_file} does not exist")
-    mat = scipy.io.loadmat(mat_file)
+    try:
+        mat = scipy.io.loadmat(mat_file)
+    except (scipy.io.matlab.MatReadError, ValueError, TypeError, IndexError, OSError) as error:
+        raise ValueError(f"{mat_file} is not a readable MATLAB .mat label file ({error})") from None
     for field in ("Pose_Para", "pt2d"):
         if field not in mat:
             raise ValueError(f"{mat_file} has no {field!r} field")
+    if mat["pt2d"].size % 2:
+        raise ValueError(
+            f"{mat_file}: 'pt2d' holds {mat['pt2d'].size} values (shape {mat['pt2d'].shape}), expected 2 x N "
+            "landmark coordinates (a row of x, a row of y)"
+        )
     pitch, yaw, roll = np.degrees(mat["Pose_Para"].ravel()[:3])
     if not np.isfinite([pitch, yaw, roll]).all():
         raise ValueError(f"{mat_file}: Pose_Para holds non-finite angles (pitch, yaw, roll = {pitch}, {yaw}, {roll})")
@@ -221,17 +229,25 @@ def _dataset(rows: list[dict], root: Path) -> datasets.Dataset:
 
 @dataclass(frozen=True)
 class HeadPoseDataFormat:
-    """One on-disk layout of head-pose data: its loader (a folder or zip -> `Dataset`) and the data set's name."""
+    """One on-disk layout of head-pose data: its loader (a folder or zip -> `Dataset`), the data set's name and the
+    terms of use its licence sets (which weights trained on it inherit; model cards state them)."""
 
     load: Callable[[str], datasets.Dataset]
     display_name: str
+    terms: str
 
 
 # The formats training takes (`--train_format`, `--validation_format`), by name.
 DATA_FORMATS = {
-    "300w_lp": HeadPoseDataFormat(load_300w_lp, "300W-LP"),
-    "aflw2000": HeadPoseDataFormat(load_aflw2000, "AFLW2000-3D"),
-    "biwi": HeadPoseDataFormat(load_biwi, "BIWI Kinect head pose"),
+    "300w_lp": HeadPoseDataFormat(
+        load_300w_lp, "300W-LP", "non-commercial research use only (300W-LP, Zhu et al. 2016; the 300-W images' terms)"
+    ),
+    "aflw2000": HeadPoseDataFormat(
+        load_aflw2000, "AFLW2000-3D", "non-commercial research use only (AFLW's academic licence; AFLW2000-3D, Zhu et al. 2016)"
+    ),
+    "biwi": HeadPoseDataFormat(
+        load_biwi, "BIWI Kinect head pose", "non-commercial research use only (the BIWI Kinect Head Pose database licence)"
+    ),
 }
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import datasets
 
+from ..hub import dataset_name_of_folder
 from .digits import load_digits_dataset
 from .validation import check_images, check_labels, require_columns, require_rows, without_image_decoding
 
@@ -24,7 +25,7 @@ def card_data_fields(dataset_name, train_dir, validation_dir, seed: int, hub_dat
         description = f"the Hub data set `{dataset_name}`" if from_hub else f"the image folder `{Path(train_dir).name}`"
     has_validation = validation_dir is not None or from_hub
     return {
-        "dataset_name": dataset_name or Path(train_dir).name,
+        "dataset_name": dataset_name or dataset_name_of_folder(train_dir),
         "hub_dataset_id": hub_dataset_id or (dataset_name if from_hub else None),
         "dataset_description": description,
         "eval_split": "validation" if has_validation else "held-out",

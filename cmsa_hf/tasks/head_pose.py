@@ -142,12 +142,14 @@ class HeadPoseTask(Task):
         return metrics
 
     def card_fields(self, args):
-        name = DATA_FORMATS[args.train_format].display_name
+        train_format = DATA_FORMATS[args.train_format]
+        other_set = {"eval_dataset_name": DATA_FORMATS[args.validation_format].display_name, "eval_split": "test"}
         return {
-            "dataset_name": name,
-            "dataset_description": f"{name} (`{Path(args.train_data).name}`)",
+            "dataset_name": train_format.display_name,
+            "dataset_description": f"{train_format.display_name} (`{Path(args.train_data).name}`)",
+            "data_terms": train_format.terms,
             "eval_description": self._describe_evaluation(args),
-            "eval_split": "validation" if args.validation_data else "held-out",
+            **(other_set if args.validation_data else {"eval_split": "held-out"}),
         }
 
     def _describe_evaluation(self, args) -> str:

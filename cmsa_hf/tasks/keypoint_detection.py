@@ -69,6 +69,10 @@ class KeypointDetectionTask(Task):
         data.add_argument("--max_eval_samples", type=int, default=None)
         data.add_argument("--dataset_name", type=str, default="coco", help="Data set name for the model card.")
         data.add_argument(
+            "--validation_dataset_name", type=str, default=None,
+            help="The card's name of the data set of --validation_annotation_file (default: the file's name).",
+        )  # fmt: skip
+        data.add_argument(
             "--keypoint_metadata_file", type=str, default=None,
             help="A JSON object of config keypoint fields (keypoint_sigmas, flip_pairs, upper_body_keypoints, ...) "
             "over those of the training file's category (from scratch) or of the saved model.",
@@ -173,9 +177,17 @@ class KeypointDetectionTask(Task):
             "dataset_description": f"COCO-format {self.category.get('name', 'keypoint')} keypoints "
             f"({len(self.category['keypoints'])} points) from `{Path(args.train_annotation_file).name}`",
             "eval_description": self._describe_evaluation(args),
-            "eval_split": "validation" if args.validation_annotation_file else "train",
+            **self._evaluated_split(args),
             "box_padding": args.box_padding,
         }
+
+    def _evaluated_split(self, args) -> dict:
+        """The model-index data set and split: the training file's `--dataset_name` / train, or the validation file's
+        data set (`--validation_dataset_name`, default the file's name) / validation."""
+        if not args.validation_annotation_file:
+            return {"eval_split": "train"}
+        name = args.validation_dataset_name or Path(args.validation_annotation_file).stem
+        return {"eval_dataset_name": name, "eval_split": "validation"}
 
     def _describe_evaluation(self, args) -> str:
         which = f"`{Path(self.eval_annotation_file).name}`" if args.validation_annotation_file else "the training set itself"

@@ -30,6 +30,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, offers_eval_before_tra
     model.add_argument(
         "--model_revision", type=str, default=None, help="Branch, tag or commit of --model_name_or_path on the Hub."
     )
+    model.add_argument(
+        "--base_model_id", type=str, default=None,
+        help="The Hub id a local --model_name_or_path was downloaded from (the card's base_model).",
+    )  # fmt: skip
     model.add_argument("--variant", type=str, default="cmsa-s", help="Preset when training from scratch.")
     model.add_argument("--image_size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"))
     model.add_argument(
@@ -264,7 +268,7 @@ def finish_run(accelerator: Accelerator, args, model, processor, results: dict, 
         repo_id = args.hub_model_id or Path(args.output_dir).name
         card_fields.setdefault("hub_dataset_id", args.hub_dataset_id)
         card = make_card(
-            model, results, repo_id=repo_id, base_model=args.model_name_or_path,
+            model, results, repo_id=repo_id, base_model=args.model_name_or_path, base_model_id=args.base_model_id,
             has_reparameterized=args.reparameterize_on_save, **card_fields,
         )  # fmt: skip
         write_hub_folder(args.output_dir, model, processor, results, card, reparameterize=args.reparameterize_on_save)

@@ -7,7 +7,8 @@ all_results.json).
         --per_device_train_batch_size 32 --eval_strategy epoch --save_strategy epoch
 
 Every `TrainingArguments` flag is available. The head is re-initialised when the data's classes differ from the
-checkpoint's (`--ignore_mismatched_sizes`).
+checkpoint's (`--ignore_mismatched_sizes`). With `--push_to_hub` the folder is uploaded at the end with its CMSA
+card (every upload, checkpoint pushes included, carries a CMSA card and the image processor).
 """
 
 import argparse
@@ -15,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from ..data.image_classification import card_data_fields, load_splits, prepare_splits
 from ..data.transforms import ClassificationTransform
-from ..hub import image_classification_card, write_hub_folder
+from ..hub import card_for_repo, image_classification_card, pushed_model_card, write_hub_folder
 from ..image_processing_cmsa import CMSAImageProcessor
 from ..metrics import top_k_accuracy
 from ..modeling_cmsa import CMSAForImageClassification
@@ -32,6 +34,9 @@ RECIPE = ImageClassificationTask.recipe
 @dataclass
 class ScriptArguments:
     model_name_or_path: str = field(metadata={"help": "A saved CMSA classifier folder or Hub id."})
+    base_model_id: str | None = field(
+        default=None, metadata={"help": "The Hub id a local --model_name_or_path was downloaded from (card base_model)."}
+    )
     model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit on the Hub."})
     dataset_name: str | None = field(default=None, metadata={"help": "A Hub data set id, or 'digits'."})
     dataset_config_name: str | None = None
@@ -49,9 +54,21 @@ class CMSATrainer(Trainer):
     """`Trainer` with the model's own weight-decay exemptions (`no_weight_decay()`, as the Accelerate scripts use):
     Trainer's rule (names containing "bias" or "norm", LayerNorm modules) would decay the BatchNorm scales."""
 
+    card: ModelCard | None = None
+    """The run's CMSA card once it is measured; until then an upload carries `pushed_model_card`."""
+
     def get_decay_parameter_names(self, model) -> list[str]:
         exempt = model.no_weight_decay()
         return [name for name, _ in model.named_parameters() if name not in exempt]
+
+    def create_model_card(self, *args, **kwargs):
+        """Write the CMSA card (task metadata, measured results, data) where `push_to_hub` would write Trainer's
+        generic draft, named for the repository."""
+        if not self.is_world_process_zero():
+            return
+        repo_id = self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).name
+        card = card_for_repo(self.card, repo_id) if self.card is not None else pushed_model_card(self.model, repo_id)
+        card.save(Path(self.args.output_dir) / "README.md")
 
 
 class AugmentationEpoch(TrainerCallback):
@@ -125,8 +142,11 @@ def finetune(argv=None, prog: str | None = None) -> dict:
         "eval_samples": len(splits["validation"]),
     }  # fmt: skip
     trainer.log_metrics("all", metrics)
+    trainer.card = _card(model, metrics, script_args, training_args)
     if trainer.is_world_process_zero():
-        write_hub_folder(training_args.output_dir, model, processor, metrics, _card(model, metrics, script_args, training_args))
+        write_hub_folder(training_args.output_dir, model, processor, metrics, trainer.card)
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
     return metrics
 
 
@@ -139,7 +159,7 @@ def _card(model, metrics, script_args, training_args):
         model.eval(), metrics, **data,
         training_script="cmsa-hf finetune image-classification (transformers Trainer)",
         repo_id=training_args.hub_model_id or Path(training_args.output_dir).name,
-        base_model=script_args.model_name_or_path, has_reparameterized=False,
+        base_model=script_args.model_name_or_path, base_model_id=script_args.base_model_id, has_reparameterized=False,
         hyperparameters={
             "learning rate (peak)": training_args.learning_rate,
             "learning-rate schedule": f"{training_args.lr_scheduler_type}, warmup {training_args.warmup_steps} steps",
