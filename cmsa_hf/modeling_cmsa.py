@@ -7,6 +7,7 @@ code (github.com/xyongLu/CMSA, `models/cmasformer.py`); see `configuration_cmsa.
 """
 
 import contextlib
+import copy
 import difflib
 import inspect
 import math
@@ -738,14 +739,21 @@ class CMSAClassificationHead(CMSAHead):
 def reparameterize_model(model: nn.Module) -> nn.Module:
     """Fold every multi-branch convolution and conv + BN pair of `model` in place (inference form).
 
-    Idempotent; puts the model in eval mode and marks its config `reparameterized=True`.
+    Idempotent; puts the model in eval mode and marks its config `reparameterized=True`: a copy of the config, given
+    to every module that shares it, so that the config object the model was built from (and other models built
+    from it) stays as it was.
     """
     model.eval()
     for module in list(model.modules()):
         if not isinstance(module, PreTrainedModel) and hasattr(module, "reparameterize"):
             module.reparameterize()
-    if hasattr(model, "config"):
-        model.config.reparameterized = True
+    config = getattr(model, "config", None)
+    if config is not None and not config.reparameterized:
+        folded = copy.deepcopy(config)
+        folded.reparameterized = True
+        for module in model.modules():
+            if getattr(module, "config", None) is config:
+                module.config = folded
     return model
 
 

@@ -865,6 +865,16 @@ def test_reparameterized_copy_leaves_the_original_trainable(tiny):
     model.train()(torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 1])).loss.backward()
 
 
+def test_reparameterize_leaves_the_shared_config_unfolded(tiny):
+    """A model built afterwards from the same config object is multi-branch and trains."""
+    folded = CMSAForImageClassification(tiny).reparameterize()
+    assert folded.config.reparameterized and not tiny.reparameterized
+    assert all(module.config is folded.config for module in folded.modules() if hasattr(module, "config"))
+    later = CMSAForImageClassification(tiny)
+    assert not later.config.reparameterized
+    later.train()(torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 1])).loss.backward()
+
+
 def test_saved_folder_carries_the_code_for_remote_loading(tmp_path, tiny):
     CMSAForImageClassification(tiny).save_pretrained(tmp_path)
     assert {"modeling_cmsa.py", "configuration_cmsa.py"} <= {p.name for p in tmp_path.iterdir()}
