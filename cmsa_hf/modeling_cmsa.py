@@ -819,11 +819,21 @@ def check_finite_targets(name: str, targets: torch.Tensor | None):
         raise ValueError(f"{name} holds NaN or inf values (samples {bad[:10]} of the batch)")
 
 
+# Forward arguments of transformers' VitPose that CMSA has no equivalent of, with the reason.
+VITPOSE_ONLY_FORWARD_KWARGS = {
+    "dataset_index": "it selects one of ViTPose++'s per-data-set expert heads; a CMSA keypoint model has one head, "
+    "trained on one keypoint set (load the model trained on the set you need)",
+}
+
+
 def check_forward_kwargs(model: nn.Module, kwargs: dict):
     """Raise a TypeError naming the keyword arguments that `model.forward` does not take."""
     unknown = sorted(set(kwargs) - IGNORED_FORWARD_KWARGS)
     if not unknown:
         return
+    for name in unknown:
+        if name in VITPOSE_ONLY_FORWARD_KWARGS:
+            raise TypeError(f"CMSA has no equivalent of VitPose's {name!r}: {VITPOSE_ONLY_FORWARD_KWARGS[name]}")
     accepted = [name for name in inspect.signature(type(model).forward).parameters if name not in ("self", "kwargs")]
     hints = [
         f"{name!r} (did you mean {match[0]!r}?)" if (match := difflib.get_close_matches(name, accepted, n=1)) else repr(name)

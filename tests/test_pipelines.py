@@ -337,5 +337,5 @@ def test_vitpose_docs_example_runs_on_a_cmsa_folder(tmp_path):
     assert len(person_boxes) > 0 and xy.shape == (len(person_boxes), 17, 2) and scores.shape == (len(person_boxes), 17)
     reference = image_processor.post_process_keypoint_detection(outputs, [person_boxes])[0]
     np.testing.assert_array_equal(xy, np.stack([pose["keypoints"].numpy() for pose in reference]))
-    with pytest.raises(TypeError, match="dataset_index"):
+    with pytest.raises(TypeError, match="no equivalent of VitPose's 'dataset_index'"):
         model(**inputs, dataset_index=torch.tensor([0]))
